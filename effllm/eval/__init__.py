@@ -1,0 +1,1 @@
+"""Evaluation that judges any model: perplexity (standard protocol), and later GLUE and fidelity metrics."""
