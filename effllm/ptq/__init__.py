@@ -1,0 +1,1 @@
+"""Post-training quantization: a block-sequential calibration runner with RTN (and later GPTQ, CBQ) plug-ins."""
