@@ -2,6 +2,7 @@
 
 from .adam import Adam4bit, Adam8bit, AdamW4bit, AdamW8bit
 from .blockwise_optimizer import BlockwiseOptimizer
+from .frugal import Frugal
 from .lion import Lion8bit
 from .overrides import override
 from .rmsprop import RMSprop8bit
@@ -14,6 +15,7 @@ __all__ = [
     "AdamW4bit",
     "AdamW8bit",
     "BlockwiseOptimizer",
+    "Frugal",
     "Lion8bit",
     "RMSprop8bit",
     "SGD8bit",
