@@ -1,0 +1,351 @@
+"""Triton kernel of the fused optimizer update (the spec is ``optim_update.optim_update_ref``).
+
+One launch updates every parameter of a bucket that shares the parameter and gradient dtypes: a table of
+data pointers (one row per parameter) and a table of work items (one row per program: which parameter,
+which first block) replace one launch per tensor. Each program owns ``ROWS`` whole quantization blocks
+(several small blocks per program; one block when blocks are large): it loads and dequantizes the states,
+updates parameter and states in fp32, takes each block's new absmax, requantizes and stores. Nothing on the
+host waits for the device.
+
+Arithmetic follows the reference operation by operation (IEEE ``div_rn``/``sqrt_rn``, one ``fma`` where
+``torch.lerp`` uses one, no other contraction), so results match it to the last bit or within an ulp.
+
+Imported lazily by ``optim_update``: importing effllm never imports Triton.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._blockwise_triton import (
+    ELEMENTS_PER_PROGRAM,
+    MAX_TILE,
+    nearest_code,
+    num_warps_for,
+    rows_for,
+    search_steps,
+    tile_for,
+    to_storage_dtype,
+)
+from .blockwise import num_blocks
+from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot
+from .packing import packed_numel
+from .quant_maps import map_midpoints
+
+# Algorithm ids as the kernel sees them (compile-time constants).
+ADAM: tl.constexpr = tl.constexpr(ALGORITHMS.index("adam"))
+ADAMW: tl.constexpr = tl.constexpr(ALGORITHMS.index("adamw"))
+LION: tl.constexpr = tl.constexpr(ALGORITHMS.index("lion"))
+SGD: tl.constexpr = tl.constexpr(ALGORITHMS.index("sgd"))
+RMSPROP: tl.constexpr = tl.constexpr(ALGORITHMS.index("rmsprop"))
+
+# Columns of the per-parameter table (int64): data pointers, then the element count.
+COL_PARAM: tl.constexpr = tl.constexpr(0)
+COL_GRAD: tl.constexpr = tl.constexpr(1)
+COL_STATE1: tl.constexpr = tl.constexpr(2)
+COL_STATE2: tl.constexpr = tl.constexpr(3)
+COL_ABSMAX1: tl.constexpr = tl.constexpr(4)
+COL_ABSMAX2: tl.constexpr = tl.constexpr(5)
+COL_NUMEL: tl.constexpr = tl.constexpr(6)
+TABLE_COLS: tl.constexpr = tl.constexpr(7)
+# Columns of the per-program table (int64): parameter row, first block.
+WORK_COLS: tl.constexpr = tl.constexpr(2)
+
+INF: tl.constexpr = tl.constexpr(float("inf"))
+LOW_NIBBLE: tl.constexpr = tl.constexpr(0xF)
+NIBBLE_BITS: tl.constexpr = tl.constexpr(4)
+# torch.lerp switches formula at this weight (each side exact for weights near its end).
+LERP_SWITCH: tl.constexpr = tl.constexpr(0.5)
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
+TABLE_CACHE_SIZE = 64
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """``torch.lerp(start, end, weight)`` with a scalar weight, rounding as torch does (one fma)."""
+    diff = end - start
+    return tl.where(weight < LERP_SWITCH, tl.fma(weight, diff, start), tl.fma(weight - 1.0, diff, end))
+
+
+@triton.jit
+def _load_state(
+    state_addr, absmax_addr, qmap_ptr,
+    block,  # [ROWS] int64 block index within the parameter
+    offs,  # [ROWS, TILE] element offsets
+    mask,  # [ROWS, TILE]
+    byte_offs, byte_mask,  # [ROWS, TILE // 2], used at 4 bits
+    BITS: tl.constexpr,
+):
+    """The fp32 state values [ROWS, TILE] (0 where masked)."""
+    if BITS == 32:
+        value = tl.load(state_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    else:
+        codes_ptr = state_addr.to(tl.pointer_type(tl.uint8))
+        if BITS == 8:
+            code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        else:
+            packed = tl.load(codes_ptr + byte_offs, mask=byte_mask, other=0).to(tl.int32)  # [ROWS, TILE // 2]
+            code = tl.interleave(packed & LOW_NIBBLE, packed >> NIBBLE_BITS)  # [ROWS, TILE], low nibble first
+        absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block)  # [ROWS]
+        value = tl.load(qmap_ptr + code, mask=mask, other=0.0) * absmax[:, None]
+    return value
+
+
+@triton.jit
+def _store_state(
+    new,  # [ROWS, TILE] fp32
+    state_addr, absmax_addr, mid_ptr, n_mid,
+    block, block_mask,  # [ROWS]
+    offs, mask,  # [ROWS, TILE]
+    byte_offs, byte_mask,  # [ROWS, TILE // 2]
+    BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    """Write ``new`` back: fp32 as is, or requantized with each block's fresh absmax."""
+    if BITS == 32:
+        tl.store(state_addr.to(tl.pointer_type(tl.float32)) + offs, new, mask=mask)
+    else:
+        absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)  # [ROWS]
+        scale = tl.where(absmax > 0, absmax, 1.0)  # an all-zero block divides by 1
+        code = nearest_code(tl.math.div_rn(new, scale[:, None]), mid_ptr, n_mid, SEARCH_STEPS)
+        code = tl.where(mask, code, 0)  # the spare nibble of an odd-sized tensor is 0, as in pack_bits_ref
+        codes_ptr = state_addr.to(tl.pointer_type(tl.uint8))
+        if BITS == 8:
+            tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
+        else:
+            low, high = tl.split(tl.reshape(code, (ROWS, TILE // 2, 2)))  # [ROWS, TILE // 2] each
+            tl.store(codes_ptr + byte_offs, (low | (high << NIBBLE_BITS)).to(tl.uint8), mask=byte_mask)
+        tl.store(absmax_addr.to(tl.pointer_type(tl.float32)) + block, absmax, mask=block_mask)
+
+
+@triton.jit
+def _optim_update_kernel(
+    table_ptr,  # int64 [nparams, TABLE_COLS]
+    work_ptr,  # int64 [nprograms, WORK_COLS]
+    qmap1_ptr, mid1_ptr, n_mid1,  # first-moment map [2**bits] and its midpoints [n_mid1], fp32
+    qmap2_ptr, mid2_ptr, n_mid2,  # second-moment map and midpoints
+    lr, beta1, beta2, eps, weight_decay,
+    one_minus_beta1, one_minus_beta2, one_minus_dampening,
+    decay_factor,  # 1 - lr * weight_decay (decoupled decay)
+    step_size,  # lr / (1 - beta1**step)
+    bias_correction2_sqrt,  # sqrt(1 - beta2**step)
+    blocksize,
+    ALGO: tl.constexpr, BITS: tl.constexpr,
+    HAS_STATE1: tl.constexpr, HAS_STATE2: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH1: tl.constexpr, SEARCH2: tl.constexpr,
+):
+    work = work_ptr + tl.program_id(0) * WORK_COLS
+    row = table_ptr + tl.load(work) * TABLE_COLS
+    numel = tl.load(row + COL_NUMEL)
+    block = tl.load(work + 1) + tl.arange(0, ROWS)  # [ROWS]
+    block_mask = block * blocksize < numel
+    block_start = block[:, None] * blocksize  # [ROWS, 1]
+    lanes = tl.arange(0, TILE)[None, :]  # [1, TILE]
+    offs = block_start + lanes  # [ROWS, TILE]
+    mask = (lanes < blocksize) & (offs < numel)
+    pairs = tl.arange(0, TILE // 2)[None, :]  # [1, TILE // 2]: byte j of a block holds elements 2j, 2j+1
+    byte_offs = block_start // 2 + pairs
+    byte_mask = (2 * pairs < blocksize) & (block_start + 2 * pairs < numel)
+
+    param_ptr = tl.load(row + COL_PARAM).to(tl.pointer_type(P_DTYPE))
+    grad_ptr = tl.load(row + COL_GRAD).to(tl.pointer_type(G_DTYPE))
+    p_old = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    finite = tl.abs(g) < INF  # false for NaN and +-Inf: those elements keep param and state
+    g = tl.where(finite, g, 0.0)
+    p = p_old
+    if HAS_STATE1:
+        m_old = _load_state(tl.load(row + COL_STATE1), tl.load(row + COL_ABSMAX1), qmap1_ptr,
+                            block, offs, mask, byte_offs, byte_mask, BITS)
+        m = m_old
+    if HAS_STATE2:
+        v_old = _load_state(tl.load(row + COL_STATE2), tl.load(row + COL_ABSMAX2), qmap2_ptr,
+                            block, offs, mask, byte_offs, byte_mask, BITS)
+        v = v_old
+
+    if ALGO == ADAM or ALGO == ADAMW:
+        if WEIGHT_DECAY:
+            if ALGO == ADAM:
+                g = g + weight_decay * p  # L2, as torch.optim.Adam
+            else:
+                p = p * decay_factor  # decoupled, as torch.optim.AdamW
+        m = _lerp(m_old, g, one_minus_beta1)
+        v = v_old * beta2 + one_minus_beta2 * g * g
+        denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps
+        p = p - step_size * tl.math.div_rn(m, denom)
+    elif ALGO == LION:
+        blend = m_old * beta1 + g * one_minus_beta1
+        direction = tl.where(blend > 0, 1.0, tl.where(blend < 0, -1.0, 0.0))
+        p = p * decay_factor - lr * direction
+        m = _lerp(m_old, g, one_minus_beta2)
+    elif ALGO == SGD:
+        if WEIGHT_DECAY:
+            g = g + weight_decay * p
+        if HAS_STATE1:
+            if FIRST_STEP:
+                m = g  # torch.optim.SGD starts the buffer as the gradient itself
+            else:
+                m = m_old * beta1 + one_minus_dampening * g
+            if NESTEROV:
+                g = g + beta1 * m
+            else:
+                g = m
+        p = p - lr * g
+    elif ALGO == RMSPROP:
+        if WEIGHT_DECAY:
+            g = g + weight_decay * p
+        v = v_old * beta2 + one_minus_beta2 * g * g
+        p = p - tl.math.div_rn(lr * g, tl.math.sqrt_rn(v) + eps)
+
+    p = tl.where(finite, p, p_old)
+    tl.store(param_ptr + offs, to_storage_dtype(p, P_DTYPE), mask=mask)
+    if HAS_STATE1:
+        _store_state(tl.where(finite, m, m_old), tl.load(row + COL_STATE1), tl.load(row + COL_ABSMAX1),
+                     mid1_ptr, n_mid1, block, block_mask, offs, mask, byte_offs, byte_mask,
+                     BITS, ROWS, TILE, SEARCH1)
+    if HAS_STATE2:
+        _store_state(tl.where(finite, v, v_old), tl.load(row + COL_STATE2), tl.load(row + COL_ABSMAX2),
+                     mid2_ptr, n_mid2, block, block_mask, offs, mask, byte_offs, byte_mask,
+                     BITS, ROWS, TILE, SEARCH2)
+
+
+# --- host side --------------------------------------------------------------------------------------------
+
+_table_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _check_slot(slot: ParamSlot, algo: str, bits: int, blocksize: int) -> None:
+    """Shape and dtype checks on metadata only (no device synchronisation)."""
+    numel = slot.param.numel()
+    if slot.grad.numel() != numel:
+        raise ValueError(f"gradient has {slot.grad.numel()} elements, parameter {numel}")
+    if slot.param.dtype not in TL_DTYPES or slot.grad.dtype not in TL_DTYPES:
+        dtypes = f"{slot.param.dtype}/{slot.grad.dtype}"
+        raise TypeError(f"parameters and gradients must be fp32, bf16 or fp16, got {dtypes}")
+    keeps = STATES[algo]
+    for index, (state, absmax, keep) in enumerate(
+        ((slot.state1, slot.absmax1, keeps[0]), (slot.state2, slot.absmax2, keeps[1])), start=1
+    ):
+        if state is None:
+            if keep and not (algo == "sgd" and index == 1):  # SGD without momentum keeps no buffer
+                raise ValueError(f"{algo} needs state{index}")
+            continue
+        if not keep:
+            raise ValueError(f"{algo} keeps no state{index}")
+        if not state.is_contiguous():
+            raise ValueError(f"state{index} must be contiguous")
+        if bits == 32:
+            if state.dtype != torch.float32 or state.numel() != numel:
+                raise ValueError(f"32-bit state{index} must be fp32 with {numel} elements")
+            continue
+        expected = numel if bits == 8 else packed_numel(numel, bits)
+        if state.dtype != torch.uint8 or state.numel() != expected:
+            raise ValueError(f"{bits}-bit state{index} must be uint8 with {expected} elements")
+        if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(numel, blocksize):
+            raise ValueError(f"absmax{index} must be fp32 with {num_blocks(numel, blocksize)} elements")
+
+
+def _tables(tensors: Sequence[tuple], numels: Sequence[int], rows_len: int, rows: int, device: torch.device):
+    """(pointer table [nparams, TABLE_COLS], work table [nprograms, WORK_COLS]) on ``device``, cached."""
+    key = (device, rows_len, rows, tuple(tuple(_address(t) for t in row) for row in tensors), tuple(numels))
+    cached = _table_cache.get(key)
+    if cached is not None:
+        _table_cache.move_to_end(key)
+        return cached
+    table = torch.tensor([[_address(t) for t in row] + [n] for row, n in zip(tensors, numels)], dtype=torch.int64)
+    programs = torch.tensor([triton.cdiv(num_blocks(n, rows_len), rows) for n in numels], dtype=torch.int64)
+    param_row = torch.repeat_interleave(torch.arange(len(numels)), programs)  # [nprograms]
+    first_program = torch.cumsum(programs, 0) - programs  # [nparams]
+    first_block = (torch.arange(param_row.numel()) - first_program[param_row]) * rows
+    work = torch.stack([param_row, first_block], dim=1)
+    if device.type == "cuda":  # upload asynchronously from pinned memory: no wait on the device
+        table, work = table.pin_memory(), work.pin_memory()
+    cached = (table.to(device, non_blocking=True), work.to(device, non_blocking=True))
+    _table_cache[key] = cached
+    if len(_table_cache) > TABLE_CACHE_SIZE:
+        _table_cache.popitem(last=False)
+    return cached
+
+
+def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torch.Tensor):
+    """(map, midpoints, number of midpoints, search steps) for the kernel; placeholders at 32 bits."""
+    if qmap is None:
+        return placeholder, placeholder, 0, 0
+    table = qmap.to(device=device, dtype=torch.float32).contiguous()
+    midpoints = map_midpoints(table).contiguous()
+    return table, midpoints, midpoints.numel(), search_steps(table.numel())
+
+
+def optim_update_many_triton(
+    algo: str,
+    slots: list[ParamSlot],
+    qmap1: torch.Tensor | None,
+    qmap2: torch.Tensor | None,
+    hyper: Hyper,
+    bits: int,
+    blocksize: int,
+) -> None:
+    """Same contract as ``optim_update.optim_update_many``: one launch per (param dtype, grad dtype)."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown optimizer algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
+    if bits not in STATE_BITS:
+        raise ValueError(f"state bits must be one of {STATE_BITS}, got {bits}")
+    if bits != 32:
+        if not 1 <= blocksize <= MAX_TILE:
+            raise ValueError(f"the Triton optimizer update takes blocksizes 1..{MAX_TILE}, got {blocksize}")
+        if bits == 4 and blocksize % 2:
+            raise ValueError(f"4-bit states pack two codes per byte, so the blocksize must be even, got {blocksize}")
+    slots = [s for s in slots if s.param.numel() > 0]
+    if not slots:
+        return
+    for slot in slots:
+        _check_slot(slot, algo, bits, blocksize)
+
+    # At 32 bits there are no quantization blocks: rows are just tiles of the flat tensors.
+    rows_len = ELEMENTS_PER_PROGRAM if bits == 32 else blocksize
+    tile = tile_for(rows_len)
+    rows = rows_for(tile)
+    h = hyper
+    scalars = dict(
+        lr=float(h.lr), beta1=float(h.beta1), beta2=float(h.beta2), eps=float(h.eps),
+        weight_decay=float(h.weight_decay), one_minus_beta1=1 - h.beta1, one_minus_beta2=1 - h.beta2,
+        one_minus_dampening=1 - h.dampening, decay_factor=1 - h.lr * h.weight_decay,
+        step_size=h.lr / (1 - h.beta1**h.step) if h.beta1 != 1 else 0.0,
+        bias_correction2_sqrt=(1 - h.beta2**h.step) ** 0.5,
+    )
+
+    buckets: dict[tuple, list[ParamSlot]] = {}
+    for slot in slots:
+        key = (slot.param.device, slot.param.dtype, slot.grad.dtype, slot.state1 is None, slot.state2 is None)
+        buckets.setdefault(key, []).append(slot)
+    for (device, p_dtype, g_dtype, no_state1, no_state2), bucket in buckets.items():
+        # The kernel writes through raw pointers: work on contiguous copies and write them back after.
+        params = [s.param.detach() if s.param.is_contiguous() else s.param.detach().contiguous() for s in bucket]
+        grads = [s.grad.contiguous() for s in bucket]
+        tensors = [(p, g, s.state1, s.state2, s.absmax1, s.absmax2) for p, g, s in zip(params, grads, bucket)]
+        table, work = _tables(tensors, [p.numel() for p in params], rows_len, rows, device)
+        map1, mid1, n_mid1, search1 = _map_args(qmap1 if not no_state1 else None, device, table)
+        map2, mid2, n_mid2, search2 = _map_args(qmap2 if not no_state2 else None, device, table)
+        _optim_update_kernel[(work.shape[0],)](
+            table, work, map1, mid1, n_mid1, map2, mid2, n_mid2, **scalars, blocksize=rows_len,
+            ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=not no_state1, HAS_STATE2=not no_state2,
+            WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
+            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
+            ROWS=rows, TILE=tile, SEARCH1=search1, SEARCH2=search2,
+            num_warps=num_warps_for(rows * tile), enable_fp_fusion=False,
+        )
+        for slot, work_copy in zip(bucket, params):
+            if work_copy.data_ptr() != slot.param.data_ptr():
+                slot.param.detach().copy_(work_copy)
