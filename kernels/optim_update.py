@@ -131,7 +131,8 @@ def optim_update_ref(
         v = v_old * h.beta2 + (1 - h.beta2) * g * g
         p = p - h.lr * g / (v.sqrt() + h.eps)
 
-    param.detach().reshape(-1).copy_(torch.where(finite, p, p_old))
+    # copy_ into the parameter itself (not a reshape of it), which may be a copy when it is non-contiguous
+    param.detach().copy_(torch.where(finite, p, p_old).view(param.shape))
     if m is not None:
         _store_state(torch.where(finite, m, m_old), state1, absmax1, qmap1, bits, blocksize)
     if v is not None:
