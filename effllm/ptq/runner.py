@@ -36,7 +36,11 @@ class WindowAlgorithm(Protocol):
 
     def calibrate(self, blocks: list[nn.Module], inputs: torch.Tensor, kwargs: dict,
                   targets: torch.Tensor) -> None:
-        """Tune the quantizers of ``blocks`` so that running them on ``inputs`` approaches ``targets``."""
+        """Tune the quantizers of ``blocks`` so that running them on ``inputs`` approaches ``targets``.
+
+        A plug-in may also define ``prepare(block)``, called once when a block's linears have just become
+        ``FakeQuantLinear``s, to attach per-layer modules (e.g. learned rounding); their parameters are then
+        part of the block's state dict, which is how a checkpoint restores a window exactly."""
 
 
 @dataclass
@@ -62,6 +66,22 @@ def window_starts(num_blocks: int, window: int, overlap: int) -> list[int]:
     return starts
 
 
+@dataclass
+class RunnerCheckpoint:
+    """Everything needed to continue a run exactly where it stopped, at the start of window ``next_block``.
+
+    Blocks before ``next_block`` are frozen ``QuantLinear``s (saved with the model's weights); blocks from
+    ``next_block`` to ``wrapped_until`` are still being calibrated: ``window_state`` holds their state dicts
+    (full-precision weights, scales, rounding parameters).
+    """
+
+    next_block: int
+    wrapped_until: int
+    fp_hidden: torch.Tensor
+    q_hidden: torch.Tensor
+    window_state: dict[int, dict[str, torch.Tensor]]
+
+
 @torch.no_grad()
 def quantize_blocks(
     model: nn.Module,
@@ -72,44 +92,45 @@ def quantize_blocks(
     device: torch.device | str | None = None,
     batch_size: int = 8,
     progress: bool = True,
-    on_window_done: Callable[[int, WindowReport], None] | None = None,
-    start_block: int = 0,
+    on_window_done: Callable[[RunnerCheckpoint, WindowReport], None] | None = None,
+    resume_from: RunnerCheckpoint | None = None,
 ) -> list[WindowReport]:
     """Quantize every decoder block of ``model`` in place; returns the reconstruction loss per window.
 
-    ``start_block`` > 0 resumes: blocks before it must already be frozen ``QuantLinear``s.
+    ``on_window_done`` receives a ``RunnerCheckpoint`` after each window; passing it back as ``resume_from``
+    (with the frozen blocks restored in ``model``) continues the run with the same result as no interruption.
     """
     blocks = decoder_blocks(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     window = min(algorithm.window, len(blocks))
     all_starts = window_starts(len(blocks), window, min(algorithm.overlap, window - 1))
+    start_block = resume_from.next_block if resume_from is not None else 0
     starts = [s for s in all_starts if s >= start_block]
     if start_block and (not starts or starts[0] != start_block):
         raise ValueError(f"cannot resume at block {start_block}: windows start at blocks {all_starts}")
 
-    captured = capture_block_inputs(model, blocks[0], input_ids.to(home), batch_size)
-    kwargs = _to_device(captured.kwargs, device)
-    fp_hidden = captured.hidden.to(device)
-    q_hidden = fp_hidden.clone()
-    # Resuming: push both streams through the blocks already done (frozen ones are the quantized model;
-    # the full-precision stream cannot be recovered for them, so it restarts from the quantized one).
-    for index in range(start_block):
-        blocks[index].to(device)
-        q_hidden = run_block(blocks[index], q_hidden, kwargs, batch_size)
-        blocks[index].to(home)
-    fp_hidden = q_hidden.clone() if start_block else fp_hidden
+    if resume_from is None:
+        captured = capture_block_inputs(model, blocks[0], input_ids.to(home), batch_size)
+        kwargs = _to_device(captured.kwargs, device)
+        fp_hidden = captured.hidden.to(device)
+        q_hidden = fp_hidden.clone()
+        wrapped_upto = 0
+    else:
+        # Only the keyword inputs (masks, rotary tables) are needed: capture them from a single sequence.
+        kwargs = _to_device(capture_block_inputs(model, blocks[0], input_ids[:1].to(home), 1).kwargs, device)
+        fp_hidden, q_hidden = resume_from.fp_hidden.to(device), resume_from.q_hidden.to(device)
+        wrapped_upto = resume_from.wrapped_until
+        for index in range(start_block, wrapped_upto):
+            _wrap_block(blocks[index], index, spec, act_bits, algorithm, device)
+            blocks[index].load_state_dict(resume_from.window_state[index])
 
     reports = []
-    wrapped_upto = start_block
     bar = tqdm(starts, desc="quantize", unit="window", disable=not progress)
     for position, start in enumerate(bar):
         end = min(start + window, len(blocks))
         for index in range(wrapped_upto, end):
-            blocks[index].to(device)
-            convert_conv1d_to_linear(blocks[index])
-            if not wrap_linears(blocks[index], spec, act_bits):
-                raise ValueError(f"decoder block {index} has no nn.Linear to quantize")
+            _wrap_block(blocks[index], index, spec, act_bits, algorithm, device)
         wrapped_upto = max(wrapped_upto, end)
         window_blocks = [blocks[i] for i in range(start, end)]
         with quantization_disabled(window_blocks):
@@ -129,8 +150,24 @@ def quantize_blocks(
             freeze_linears(blocks[index])
             blocks[index].to(home)
         if on_window_done is not None:
-            on_window_done(next_start, report)
+            window_state = {i: {k: v.detach().cpu().clone() for k, v in blocks[i].state_dict().items()}
+                            for i in range(next_start, wrapped_upto)}
+            on_window_done(RunnerCheckpoint(next_start, wrapped_upto, fp_hidden.cpu(), q_hidden.cpu(), window_state),
+                           report)
     return reports
+
+
+def _wrap_block(block: nn.Module, index: int, spec: WeightQuantSpec, act_bits: int | None,
+                algorithm: WindowAlgorithm, device: torch.device) -> None:
+    """Move a block to the calibration device and make its linears fake-quantized (plus the plug-in's
+    per-layer modules, through its optional ``prepare(block)``), so its state dict has a fixed layout."""
+    block.to(device)
+    convert_conv1d_to_linear(block)
+    if not wrap_linears(block, spec, act_bits):
+        raise ValueError(f"decoder block {index} has no nn.Linear to quantize")
+    prepare = getattr(algorithm, "prepare", None)
+    if prepare is not None:
+        prepare(block)
 
 
 def _to_device(value, device):
