@@ -26,6 +26,17 @@ DEFAULT_BLOCKSIZE = {8: 256, 4: 128}
 STATE_MAPS = {8: ("dynamic", "dynamic"), 4: ("dynamic", "linear_nozero")}
 
 
+def _check_group_options(options: dict) -> None:
+    """ValueError naming the option, for options that would otherwise fail (or be ignored) at the first step."""
+    if options.get("state_bits", 8) not in STATE_BITS:
+        raise ValueError(f"state_bits must be one of {STATE_BITS}, got {options['state_bits']}")
+    blocksize = options.get("blocksize")
+    if blocksize is not None and (not isinstance(blocksize, int) or blocksize < 1):
+        raise ValueError(f"blocksize must be a positive integer or None, got {blocksize!r}")
+    if options.get("weight_decay", 0.0) < 0:
+        raise ValueError(f"invalid weight_decay {options['weight_decay']}: it must be >= 0")
+
+
 class BlockwiseOptimizer(Optimizer):
     """Base class. Group options shared by all subclasses:
 
@@ -47,6 +58,11 @@ class BlockwiseOptimizer(Optimizer):
         defaults.setdefault("blocksize", None)
         super().__init__(params, defaults)
         self._maps: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, but a group's options are checked here rather than at its first step."""
+        _check_group_options({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     # --- subclass interface -------------------------------------------------------------------------
     def hyper(self, group: dict, step: int) -> Hyper:

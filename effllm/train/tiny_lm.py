@@ -109,7 +109,7 @@ def train_lm(
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
-        result.losses.append(float(loss))
+        result.losses.append(float(loss.detach()))
     result.seconds = time.perf_counter() - start
     if valid_batches is not None:
         result.valid_loss = evaluate_loss(model, valid_batches)
