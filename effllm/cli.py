@@ -94,5 +94,165 @@ def bench_optim(sizes: str, repeats: int, no_bnb: bool, json_path: str | None, m
     optim.write(rows, json_path, markdown_path)
 
 
+def _group_size(value: str) -> int | None:
+    if value.lower() in ("channel", "none", "0", "-1"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--group-size {value!r}: give a positive integer or 'channel'") from None
+
+
+def _method_options(pairs: tuple[str, ...]) -> dict:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {pair!r}: write KEY=VALUE, e.g. --option epochs=2")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+@main.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "cbq"]), default="rtn", show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (2..8).")
+@click.option("--group-size", default="64", show_default=True, help="Input columns per scale, or 'channel'.")
+@click.option("--sym/--asym", "symmetric", default=False, show_default=True, help="Symmetric or asymmetric grid.")
+@click.option("--act-bits", type=int, default=None, help="Per-token activation bits (4..8); weight-only if unset.")
+@click.option("--calib", default=None, help="Calibration text: a file, a corpus folder, or wikitext2/c4.")
+@click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration sequences.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="Calibration device (default: cuda if available, else cpu).")
+@click.option("--option", "options", multiple=True, help="Method option KEY=VALUE (GPTQ/CBQ config fields).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML/JSON PTQ config; command-line options given explicitly override it.")
+@click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or hub repo).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output model folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code from the hub (off by default).")
+@click.pass_context
+def quantize(ctx, model, method, bits, group_size, symmetric, act_bits, calib, nsamples, seqlen, seed, device,
+             options, config_file, gguf_file, out_dir, resume, overwrite, trust_remote_code) -> None:
+    """Quantize MODEL (hub id, folder or .gguf file) with RTN, GPTQ or CBQ and save a packed model folder."""
+    from pathlib import Path
+
+    from effllm.ptq.config import PTQConfig, make_algorithm
+
+    values = dict(method=method, bits=bits, group_size=_group_size(group_size), symmetric=symmetric,
+                  act_bits=act_bits, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                  method_options=_method_options(options))
+    try:
+        if config_file:
+            from effllm.recipes import load_config_file
+
+            base = load_config_file(config_file)
+            explicit = {k for k in values if ctx.get_parameter_source(_CLI_NAMES.get(k, k)).name == "COMMANDLINE"}
+            values = {**base, **{k: v for k, v in values.items() if k in explicit or k not in base}}
+        config = PTQConfig.from_dict(values)
+        make_algorithm(config)  # validates the method options before any loading
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+    out = Path(out_dir)
+    if out.exists() and not (overwrite or resume):
+        raise UsageError(f"output folder {out} already exists; pass --overwrite or choose another --out")
+
+    from effllm.model_loading import ModelRef
+
+    try:
+        ref = ModelRef.parse(model, gguf_file)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    _run_quantize(ref, config, out, resume, overwrite, trust_remote_code)
+
+
+_CLI_NAMES = {"group_size": "group_size", "method_options": "options"}
+
+
+def _run_quantize(ref, config, out, resume, overwrite, trust_remote_code) -> None:
+    import shutil
+    import time
+
+    import torch
+
+    from effllm.model_loading import load_causal_lm, load_tokenizer
+    from effllm.ptq.calibration import calibration_ids
+    from effllm.ptq.quantize import check_quantizable, quantization_config, quantize
+    from effllm.quant.serialization import save_quantized
+
+    if config.device is None:
+        config.device = "cuda" if torch.cuda.is_available() else "cpu"
+    click.echo(f"loading {ref.path}{' / ' + ref.gguf_file if ref.gguf_file else ''}", err=True)
+    model = load_causal_lm(ref, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(ref, trust_remote_code=trust_remote_code)
+    try:
+        check_quantizable(model, config)
+        calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed) \
+            if config.calib else torch.randint(0, model.config.vocab_size, (1, 2))
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    started = time.perf_counter()
+    reports = quantize(model, config, calib, checkpoint_dir=checkpoint, resume=resume)
+    elapsed = time.perf_counter() - started
+    qconfig = quantization_config(model, config, reports)
+    qconfig["quantize_seconds"] = round(elapsed, 1)
+    save_quantized(model, out, qconfig, tokenizer, overwrite=overwrite or resume)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    click.echo(f"quantized {len(qconfig['modules'])} linears with {config.method} W{config.bits}"
+               f"{'A' + str(config.act_bits) if config.act_bits else 'A16'} "
+               f"g{config.group_size or 'channel'} in {elapsed:.0f} s -> {out}")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--task", default="perplexity", show_default=True, help="perplexity")
+@click.option("--dataset", default="wikitext2", show_default=True, help="wikitext2, c4, ptb, or a text file.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window.")
+@click.option("--max-chars", type=int, default=None, help="Evaluate only the first N characters of the text.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--gguf-file", default=None, help="GGUF file name inside MODEL.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
+@click.option("--trust-remote-code", is_flag=True)
+def eval_command(model, task, dataset, seqlen, max_chars, batch_size, gguf_file, json_path, trust_remote_code):
+    """Evaluate MODEL: perplexity by the standard protocol (non-overlapping windows of SEQLEN tokens)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from effllm.eval.perplexity import load_eval_text, perplexity
+    from effllm.model_loading import ModelRef, load_causal_lm, load_tokenizer
+
+    if task != "perplexity":
+        raise UsageError(f"unknown task {task!r}; available: perplexity")
+    try:
+        ref = ModelRef.parse(model, gguf_file)
+        text = load_eval_text(dataset, max_chars)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    model_obj = load_causal_lm(ref, trust_remote_code=trust_remote_code)
+    if torch.cuda.is_available():
+        model_obj = model_obj.cuda()
+    tokenizer = load_tokenizer(ref, trust_remote_code=trust_remote_code)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    try:
+        result = perplexity(model_obj, ids, seqlen, batch_size)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    figures = dict(result.to_dict(), model=model, dataset=dataset, task=task, max_chars=max_chars)
+    click.echo(f"perplexity {result.perplexity:.3f} ({result.windows} windows of {seqlen} tokens, {dataset})")
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(figures, indent=2) + "\n")
+        tmp.replace(path)
+
+
 if __name__ == "__main__":
     sys.exit(main())
