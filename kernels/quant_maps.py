@@ -39,11 +39,13 @@ def dynamic_map(signed: bool = True, bits: int = 8, device: torch.device | str |
     """The dynamic (tree) quantization map: sign, decimal exponent and linear fraction.
 
     Signed maps hold 0, +1 and ``2**bits - 2`` values symmetric around 0 (no -1); unsigned maps hold
-    0, 1 and ``2**bits - 2`` positive values. Identical to bitsandbytes' ``create_dynamic_map``.
+    0, 1 and ``2**bits - 2`` positive values. The entries of bitsandbytes' ``create_dynamic_map``, each to within
+    two float32 ulps (bitsandbytes rounds to float32 midway, so some entries differ in the last bits).
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"dynamic map bits must be in 2..8, got {bits}")
-    return _dynamic_map_cpu(bool(signed), int(bits)).to(device or "cpu")
+    # copy=True: callers get their own tensor, never the cached one (writing into it would corrupt the cache)
+    return _dynamic_map_cpu(bool(signed), int(bits)).to(device or "cpu", copy=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,7 +73,7 @@ def linear_map(
         raise ValueError(f"linear map bits must be in 1..8, got {bits}")
     if signed and not include_zero:
         raise ValueError("a signed linear map always includes zero")
-    return _linear_map_cpu(bool(signed), int(bits), bool(include_zero)).to(device or "cpu")
+    return _linear_map_cpu(bool(signed), int(bits), bool(include_zero)).to(device or "cpu", copy=True)
 
 
 MAP_KINDS = ("dynamic", "linear", "linear_nozero")
