@@ -6,8 +6,9 @@ is split into a part in a subspace of density ``rho`` (see ``subspace``) and the
 subspace part is updated by a *state-full inner optimizer* (any effllm or torch optimizer, AdamW at 32 or 8
 bits by default) on its low-dimensional coordinates and mapped back; the rest gets a state-free update
 (signSGD, SGD or none). The subspace is refreshed every ``update_gap`` steps, with the inner moments reset
-(default) or kept. Parameters that are not projected (embeddings, norms, the output head, biases by
-default) go to the inner optimizer whole.
+(default) or kept; a subspace that is the whole weight (``rho = 1``) never changes, so it keeps them.
+Parameters that are not projected (embeddings, norms, the output head, biases by default) go to the inner
+optimizer whole.
 
 How the inner optimizer sees a projected weight: through a *handle*, a tensor that holds
 ``zeros(coordinates)`` only during the step, with the projected gradient as its ``.grad``. After the inner
@@ -302,7 +303,7 @@ class Frugal(Optimizer):
 
     def _refresh(self, state: dict, group: dict, grad_matrix: torch.Tensor, mode: str, index: int,
                  refresh: int) -> None:
-        """New subspace for one weight; resets its inner moments if asked (always when it has none)."""
+        """New subspace for one weight; resets its inner moments if asked and the subspace changed."""
         state.pop("basis", None)
         state.pop("indices", None)
         a = short_side_first(grad_matrix)
@@ -314,7 +315,8 @@ class Frugal(Optimizer):
             state["basis"] = random_basis(d, rank, seeded_generator(group["seed"], index, refresh), a.device)
         elif mode == _INDICES:
             state["indices"] = random_indices(d, rank, seeded_generator(group["seed"], index, refresh), a.device)
-        if group["reset_state"] or mode == _FREE:
+        # The whole space never changes, so its moments stay valid; a weight without a subspace keeps none.
+        if mode == _FREE or (group["reset_state"] and mode != _WHOLE):
             state["inner"].clear()
 
     def _prepare(self, param, group, group_index, index, position):
