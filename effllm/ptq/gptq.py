@@ -150,13 +150,18 @@ def load_gptq_result(linear: FakeQuantLinear, result: GPTQResult) -> None:
 
 @dataclass
 class GPTQ:
-    """GPTQ plug-in for ``effllm.ptq.runner.quantize_blocks``; the fields are its configuration."""
+    """GPTQ plug-in for ``effllm.ptq.runner.quantize_blocks``; the fields are its configuration.
 
-    window: int = 1  # GPTQ is local to each layer; a larger window is calibrated block after block
-    overlap: int = 0
+    Defaults: act-order with static groups (as llm-compressor's default), dampening 0.01, blocks of 128
+    columns, sequential Hessians. ``act_order=False`` gives the paper's original column order with dynamic
+    groups.
+    """
+
+    window: int = 1  # GPTQ is local to each layer: a larger window gains nothing (its blocks go one by one,
+    overlap: int = 0  # and an overlapping block would be quantized twice, the second time from GPTQ's output)
     percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
     blocksize: int = 128  # columns per lazy-update block
-    act_order: bool = False  # columns by decreasing Hessian diagonal (implies static groups)
+    act_order: bool = True  # columns by decreasing Hessian diagonal (implies static groups); the better default
     static_groups: bool = False  # group scales from the original weight, before any error update
     sequential: bool = True  # each group of linears sees the already-quantized layers before it
     batch_size: int = 8  # calibration sequences per forward pass

@@ -81,12 +81,13 @@ def explicit_inverse_gptq(weight, hessian, spec, percdamp, act_order):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
-def test_gptq_output_error_below_rtn_on_correlated_inputs(bits, group_size):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_below_rtn_on_correlated_inputs(bits, group_size, act_order):
     spec = WeightQuantSpec(bits, group_size)
     for seed in range(2):
         x, weight = correlated_inputs(seed), random_weight(seed)
         fake = fake_linear(weight, spec)
-        GPTQ().quantize_linear(fake, hessian_of(x))
+        GPTQ(act_order=act_order).quantize_linear(fake, hessian_of(x))
         gptq = output_error(x, weight, fake.quantized_weight().detach())
         rtn = rtn_error(x, weight, spec)
         assert gptq < 0.8 * rtn, (seed, gptq / rtn)
@@ -205,7 +206,7 @@ def test_stacked_group_equals_linear_by_linear():
     weights = [random_weight(seed) for seed in (6, 7, 8)]
     hessian = hessian_of(x)
     stacked = [fake_linear(w, spec) for w in weights]
-    GPTQ().quantize_group(stacked, hessian)
+    GPTQ(act_order=False).quantize_group(stacked, hessian)  # dynamic groups: the most row-dependent state
     for weight, fake in zip(weights, stacked):
         alone = gptq_quantize(weight, hessian, spec)
         assert (fake.codes() != alone.codes).float().mean() < CODE_MISMATCH_TOLERANCE
@@ -225,11 +226,21 @@ def test_config_is_validated():
         GPTQ(percdamp=-0.1)
     with pytest.raises(ValueError, match="blocksize"):
         GPTQ(blocksize=0)
-    assert GPTQ(act_order=True).to_dict()["act_order"] is True
+    config = GPTQ(percdamp=0.05, blocksize=64, act_order=False)
+    assert GPTQ(**config.to_dict()) == config
 
 
-@pytest.mark.parametrize("algorithm", [GPTQ(), GPTQ(act_order=True), GPTQ(sequential=False)],
-                         ids=["default", "act_order", "not_sequential"])
+def test_window_of_two_blocks_equals_block_by_block(calib_ids):
+    spec = WeightQuantSpec(3, 16)
+    models = [make_tiny_llama(layers=4, seed=3) for _ in range(2)]
+    quantize_blocks(models[0], calib_ids, spec, GPTQ(), progress=False)
+    quantize_blocks(models[1], calib_ids, spec, GPTQ(window=2), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](calib_ids).logits, models[0](calib_ids).logits)
+
+
+@pytest.mark.parametrize("algorithm", [GPTQ(), GPTQ(act_order=False), GPTQ(sequential=False)],
+                         ids=["default", "no_act_order", "not_sequential"])
 def test_runner_gptq_logits_closer_to_full_precision_than_rtn(algorithm):
     spec = WeightQuantSpec(3, 16)
     for seed in range(3):
