@@ -77,7 +77,7 @@ def _lerp(start, end, weight):
 @triton.jit
 def _load_state(
     state_addr, absmax_addr, qmap_ptr,
-    block,  # [ROWS] int64 block index within the parameter
+    block, block_mask,  # [ROWS] int64 block index within the parameter, and whether it exists
     offs,  # [ROWS, TILE] element offsets
     mask,  # [ROWS, TILE]
     byte_offs, byte_mask,  # [ROWS, TILE // 2], used at 4 bits
@@ -93,7 +93,7 @@ def _load_state(
         else:
             packed = tl.load(codes_ptr + byte_offs, mask=byte_mask, other=0).to(tl.int32)  # [ROWS, TILE // 2]
             code = tl.interleave(packed & LOW_NIBBLE, packed >> NIBBLE_BITS)  # [ROWS, TILE], low nibble first
-        absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block)  # [ROWS]
+        absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block, mask=block_mask, other=0.0)  # [ROWS]
         value = tl.load(qmap_ptr + code, mask=mask, other=0.0) * absmax[:, None]
     return value
 
@@ -164,11 +164,11 @@ def _optim_update_kernel(
     p = p_old
     if HAS_STATE1:
         m_old = _load_state(tl.load(row + COL_STATE1), tl.load(row + COL_ABSMAX1), qmap1_ptr,
-                            block, offs, mask, byte_offs, byte_mask, BITS)
+                            block, block_mask, offs, mask, byte_offs, byte_mask, BITS)
         m = m_old
     if HAS_STATE2:
         v_old = _load_state(tl.load(row + COL_STATE2), tl.load(row + COL_ABSMAX2), qmap2_ptr,
-                            block, offs, mask, byte_offs, byte_mask, BITS)
+                            block, block_mask, offs, mask, byte_offs, byte_mask, BITS)
         v = v_old
 
     if ALGO == ADAM or ALGO == ADAMW:
