@@ -18,6 +18,7 @@ from effllm.kernels.optim_update import STATE_BITS, STATES, Hyper, ParamSlot, op
 from effllm.kernels.packing import packed_numel
 from effllm.kernels.quant_maps import make_map
 
+from .dtensor import local_tensor
 from .overrides import overrides_of
 
 DEFAULT_BLOCKSIZE = {8: 256, 4: 128}
@@ -106,13 +107,14 @@ class BlockwiseOptimizer(Optimizer):
         return {"": codes, "absmax": absmax}
 
     def _init_state(self, param: torch.Tensor, group: dict, state: dict) -> None:
+        # The layout follows the whole parameter (the same on every rank); the storage, a DTensor's local shard.
         bits, blocksize = self._layout(param, group)
         state["step"] = torch.tensor(0.0)
         state["state_bits"] = bits
         state["blocksize"] = blocksize
         for index, (keep, signed) in enumerate(zip(self.has_state(group), (True, False)), start=1):
             if keep:
-                for suffix, tensor in self._new_state(param, bits, blocksize, signed).items():
+                for suffix, tensor in self._new_state(local_tensor(param), bits, blocksize, signed).items():
                     state[f"absmax{index}" if suffix else f"state{index}"] = tensor
 
     # --- the step -----------------------------------------------------------------------------------
@@ -133,9 +135,10 @@ class BlockwiseOptimizer(Optimizer):
                 if not state:
                     self._init_state(param, group, state)
                 state["step"] += 1  # a CPU tensor: no device synchronisation
-                key = (param.device, state["state_bits"], state["blocksize"], int(state["step"]))
+                local = local_tensor(param)  # FSDP2: each rank updates its shard, blocks are per shard
+                key = (local.device, state["state_bits"], state["blocksize"], int(state["step"]))
                 buckets[key].append(
-                    ParamSlot(param, param.grad, state.get("state1"), state.get("state2"),
+                    ParamSlot(local, local_tensor(param.grad), state.get("state1"), state.get("state2"),
                               state.get("absmax1"), state.get("absmax2"))
                 )
             for (device, bits, blocksize, step), slots in buckets.items():

@@ -1,0 +1,197 @@
+"""effllm's optimizers with 2 processes (gloo, CPU): DDP gives the single-process full-batch result, and under
+FSDP2 (``fully_shard``, DTensor parameters) each rank keeps only its shard of the quantized state.
+
+One ``torch.multiprocessing`` spawn runs every scenario (starting processes is the slow part); each rank saves
+what it saw, and the tests compare that with single-process runs made here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from effllm.optim import AdamW8bit, Frugal
+
+WORLD_SIZE = 2
+STEPS = 5
+LR = 1e-2
+BATCH = 128  # split evenly between the ranks; more rows than any layer is wide, so gradients have full rank
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # a broken scenario fails instead of hanging
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    # 33 rows: FSDP2 shards it unevenly (17 + 16), so quantization blocks do not line up with a full tensor.
+    return nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 64), nn.Tanh(), nn.Linear(64, 8))
+
+
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 16, generator=generator), torch.randn(BATCH, 8, generator=generator)
+
+
+# Each scenario: the optimizer built from a model; 8-bit states on every weight (min_8bit_size=0).
+OPTIMIZERS = {
+    "adamw8bit": lambda model: AdamW8bit(model.parameters(), lr=LR, min_8bit_size=0, blocksize=64),
+    "adamw32": lambda model: AdamW8bit(model.parameters(), lr=LR, state_bits=32),
+    "frugal_svd": lambda model: Frugal(model, lr=LR, density=0.25, projection="svd", update_gap=2),
+    "frugal_random_8bit": lambda model: Frugal(model, lr=LR, density=0.25, projection="random", update_gap=2,
+                                               inner="adamw8bit", inner_kwargs={"min_8bit_size": 0}),
+}
+DDP_SCENARIOS = ("adamw8bit", "adamw32", "frugal_svd", "frugal_random_8bit")
+FSDP_SCENARIOS = ("adamw8bit", "adamw32")
+
+
+def train(model, optimizer, inputs, targets) -> None:
+    for _ in range(STEPS):
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def single_process(name: str) -> list[torch.Tensor]:
+    model = make_model()
+    train(model, OPTIMIZERS[name](model), *make_batch())
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- what each rank runs -------------------------------------------------------------------------------
+def _ddp(name, rank, inputs, targets) -> dict:
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    train(ddp, OPTIMIZERS[name](model), inputs, targets)
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
+def _fsdp2(name, rank, inputs, targets) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    optimizer = OPTIMIZERS[name](model)
+    train(model, optimizer, inputs, targets)
+    local_numels = [p.to_local().numel() for p in model.parameters()]
+    state_numels = [optimizer.state[p]["state1"].numel() for p in model.parameters()]
+    bits = [optimizer.state[p]["state_bits"] for p in model.parameters()]
+    full = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return {"params": full, "local_numels": local_numels, "state_numels": state_numels, "bits": bits}
+
+
+def _fsdp2_frugal(rank, inputs, targets) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model)
+    optimizer = Frugal(model, lr=LR)
+    nn.functional.mse_loss(model(inputs), targets).backward()
+    try:
+        optimizer.step()
+    except NotImplementedError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two processes share the machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=COLLECTIVE_TIMEOUT)
+    inputs, targets = make_batch()
+    shard = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    inputs, targets = inputs[shard], targets[shard]
+    jobs = {f"ddp/{name}": (lambda n=name: _ddp(n, rank, inputs, targets)) for name in DDP_SCENARIOS}
+    jobs.update({f"fsdp2/{name}": (lambda n=name: _fsdp2(n, rank, inputs, targets)) for name in FSDP_SCENARIOS})
+    jobs["fsdp2/frugal"] = lambda: _fsdp2_frugal(rank, inputs, targets)
+    results = {}
+    for key, job in jobs.items():
+        try:
+            results[key] = job()
+        except Exception:  # recorded, so one broken scenario does not hide the others
+            results[key] = {"failure": traceback.format_exc()}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+def result(ranks, rank, key) -> dict:
+    outcome = ranks[rank][key]
+    assert "failure" not in outcome, outcome.get("failure")
+    return outcome
+
+
+# --- DDP -----------------------------------------------------------------------------------------------
+# An all-reduced gradient differs from the full-batch one by float rounding; at 8 bits that can move a state
+# value across a code boundary, changing that element's steps by about one code (~1% of lr per step).
+ATOL_32BIT = 1e-5
+ATOL_8BIT = 0.05 * LR
+MEAN_ERROR = 1e-6  # whatever the width, disagreements are rare: the mean stays at float rounding
+
+
+@pytest.mark.parametrize("name", DDP_SCENARIOS)
+def test_ddp_matches_one_process_on_the_full_batch(ranks, name):
+    reference = single_process(name)
+    atol = ATOL_8BIT if "8bit" in name else ATOL_32BIT
+    for rank in range(WORLD_SIZE):
+        params = result(ranks, rank, f"ddp/{name}")["params"]
+        for mine, theirs in zip(params, reference, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=atol, rtol=0)
+            assert (mine - theirs).abs().mean() <= MEAN_ERROR
+    # The ranks never drift apart: they see the same all-reduced gradient.
+    for first, second in zip(result(ranks, 0, f"ddp/{name}")["params"], result(ranks, 1, f"ddp/{name}")["params"]):
+        assert torch.equal(first, second)
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------------------
+def test_fsdp2_keeps_only_the_local_shard_of_the_quantized_state(ranks):
+    total_numels = [p.numel() for p in make_model().parameters()]
+    for rank in range(WORLD_SIZE):
+        outcome = result(ranks, rank, "fsdp2/adamw8bit")
+        assert outcome["state_numels"] == outcome["local_numels"]
+        assert all(bits == 8 for bits in outcome["bits"])
+    assert [a + b for a, b in zip(result(ranks, 0, "fsdp2/adamw8bit")["local_numels"],
+                                  result(ranks, 1, "fsdp2/adamw8bit")["local_numels"])] == total_numels
+
+
+def test_fsdp2_32bit_matches_one_process(ranks):
+    reference = single_process("adamw32")
+    for mine, theirs in zip(result(ranks, 0, "fsdp2/adamw32")["params"], reference, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=ATOL_32BIT, rtol=0)
+
+
+def test_fsdp2_8bit_follows_the_one_process_32bit_trajectory(ranks):
+    """Quantization blocks are per local shard, so 8-bit states differ from one process's; the parameters
+    stay within 8-bit error of the 32-bit trajectory."""
+    reference = single_process("adamw32")
+    moved = [(p - start).abs().max() for p, start in zip(reference, [p.detach() for p in make_model().parameters()])]
+    for mine, theirs, move in zip(result(ranks, 0, "fsdp2/adamw8bit")["params"], reference, moved, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=0.05 * float(move), rtol=0)
+
+
+def test_frugal_under_fsdp2_says_what_it_does_not_support(ranks):
+    for rank in range(WORLD_SIZE):
+        assert "DTensor" in result(ranks, rank, "fsdp2/frugal")["error"]
