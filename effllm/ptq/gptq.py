@@ -21,8 +21,9 @@ groups** (as in the reference's ``static_groups`` option, whose groups stay cont
 
 The result is expressed through the ``FakeQuantLinear``: its full-precision ``weight`` becomes GPTQ's
 dequantized weight and its ``scale``/``zero`` GPTQ's group scales, so nearest rounding reproduces GPTQ's codes
-exactly and ``freeze()`` packs them. (Exact for fp32/fp16 weights; a bf16 weight cannot hold every
-dequantized value exactly at 7-8 bits.)
+exactly and ``freeze()`` packs them. That holds for fp32 and fp16 weights at every width, and for bf16 weights
+up to 7 bits: bf16 keeps 8 significant bits, so storing ``(c - z)·s`` moves it by up to |c - z|·2⁻⁸ steps, under
+½ only while |c - z| < 128. (At 8 bits with a bf16 weight a code may move by one; the ``scale`` stays fp32.)
 
 As a runner plug-in, GPTQ works one block at a time, on the quantized model's stream: the block's linears are
 taken in groups that read the same input (q/k/v, then o, then gate/up, then down), and each group's Hessian is

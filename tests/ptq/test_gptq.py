@@ -188,6 +188,17 @@ def test_codes_reproduce_exactly_through_fake_quant_and_freeze(symmetric, group_
         assert torch.equal(fake(x), frozen(x))
 
 
+@pytest.mark.parametrize("dtype,bits", [(torch.float16, 8), (torch.bfloat16, 7)])
+def test_codes_reproduce_with_half_precision_weights(dtype, bits):
+    # The widest codes each dtype holds exactly (see the gptq module docstring); the scale stays fp32.
+    linear = nn.Linear(FEATURES, OUTPUTS)
+    with torch.no_grad():
+        linear.weight.copy_(random_weight(5))
+    fake = FakeQuantLinear(linear.to(dtype), WeightQuantSpec(bits, 32))
+    result = GPTQ().quantize_linear(fake, hessian_of(correlated_inputs(5)))
+    assert fake.weight.dtype == dtype and torch.equal(fake.codes(), result.codes)
+
+
 def test_linears_sharing_an_input_are_grouped_in_execution_order(tiny_llama):
     block = tiny_llama.model.layers[0]
     wrapped = wrap_linears(block, WeightQuantSpec(4))
