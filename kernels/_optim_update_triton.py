@@ -62,6 +62,8 @@ NIBBLE_BITS: tl.constexpr = tl.constexpr(4)
 # torch.lerp switches formula at this weight (each side exact for weights near its end).
 LERP_SWITCH: tl.constexpr = tl.constexpr(0.5)
 
+# Two lanes at least: the kernel views a tile as byte pairs (TILE // 2), even when no state is packed.
+MIN_TILE = 2
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
 TABLE_CACHE_SIZE = 64
@@ -315,7 +317,7 @@ def optim_update_many_triton(
 
     # At 32 bits there are no quantization blocks: rows are just tiles of the flat tensors.
     rows_len = ELEMENTS_PER_PROGRAM if bits == 32 else blocksize
-    tile = tile_for(rows_len)
+    tile = max(tile_for(rows_len), MIN_TILE)
     rows = rows_for(tile)
     h = hyper
     scalars = dict(

@@ -189,6 +189,14 @@ def test_backend_matches_reference_with_mixed_dtypes_in_one_call(backend):
     _compare_steps(setup, slots, steps=(4,))
 
 
+@pytest.mark.parametrize("bits,blocksize,numel", [(8, 100, 1001), (4, 2, 37), (8, 1, 37), (8, 4096, 9000)])
+def test_backend_matches_reference_for_unusual_blocksizes(backend, bits, blocksize, numel):
+    """Blocks that are not a power of two, the smallest blocks, and the largest one tile holds."""
+    _, device = backend
+    setup = dataclasses.replace(_setup("adam", bits, device), blocksize=blocksize)
+    _compare_steps(setup, _slots("adam", setup, [(numel,)], torch.float32, device), steps=(2,))
+
+
 @pytest.mark.parametrize("case,bits", [("adam", 32), ("adam", 8), ("adamw", 4), ("lion", 8), ("sgd", 4),
                                        ("rmsprop", 8)])
 def test_nonfinite_gradient_elements_are_skipped(backend, case, bits):
