@@ -33,7 +33,7 @@ from ._blockwise_triton import (
     to_storage_dtype,
 )
 from .blockwise import num_blocks
-from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot
+from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, optim_update_ref
 from .packing import packed_numel
 from .quant_maps import map_midpoints
 
@@ -304,11 +304,15 @@ def optim_update_many_triton(
         raise ValueError(f"unknown optimizer algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
     if bits not in STATE_BITS:
         raise ValueError(f"state bits must be one of {STATE_BITS}, got {bits}")
-    if bits != 32:
-        if not 1 <= blocksize <= MAX_TILE:
-            raise ValueError(f"the Triton optimizer update takes blocksizes 1..{MAX_TILE}, got {blocksize}")
-        if bits == 4 and blocksize % 2:
-            raise ValueError(f"4-bit states pack two codes per byte, so the blocksize must be even, got {blocksize}")
+    if bits != 32 and blocksize < 1:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if bits != 32 and (blocksize > MAX_TILE or (bits == 4 and blocksize % 2)):
+        # One program holds whole blocks of at most MAX_TILE elements, and two programs must never share a
+        # byte of 4-bit codes. Such unusual layouts take the reference path (same results, slower).
+        for s in slots:
+            optim_update_ref(algo, s.param, s.grad, s.state1, s.state2, s.absmax1, s.absmax2, qmap1, qmap2, hyper,
+                             bits, blocksize)
+        return
     slots = [s for s in slots if s.param.numel() > 0]
     if not slots:
         return

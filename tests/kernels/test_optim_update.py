@@ -189,9 +189,11 @@ def test_backend_matches_reference_with_mixed_dtypes_in_one_call(backend):
     _compare_steps(setup, slots, steps=(4,))
 
 
-@pytest.mark.parametrize("bits,blocksize,numel", [(8, 100, 1001), (4, 2, 37), (8, 1, 37), (8, 4096, 9000)])
+@pytest.mark.parametrize("bits,blocksize,numel", [(8, 100, 1001), (4, 2, 37), (8, 1, 37), (8, 4096, 9000),
+                                                   (8, 5000, 10001), (4, 33, 101)])
 def test_backend_matches_reference_for_unusual_blocksizes(backend, bits, blocksize, numel):
-    """Blocks that are not a power of two, the smallest blocks, and the largest one tile holds."""
+    """Blocks that are not a power of two, the smallest blocks, the largest one Triton tile holds, longer
+    blocks, and odd 4-bit blocks (whose codes share a byte with the next block)."""
     _, device = backend
     setup = dataclasses.replace(_setup("adam", bits, device), blocksize=blocksize)
     _compare_steps(setup, _slots("adam", setup, [(numel,)], torch.float32, device), steps=(2,))
