@@ -44,6 +44,7 @@ from .subspace import (
     from_short_side_first,
     random_basis,
     random_indices,
+    residual,
     rotating_blocks,
     seeded_generator,
     short_side_first,
@@ -343,7 +344,7 @@ class Frugal(Optimizer):
             a = short_side_first(grad_matrix).float()  # (d, long)
             if mode == _BASIS:
                 coordinates = state["basis"] @ a  # (rank, long)
-                rest = a - state["basis"].T @ coordinates
+                rest = residual(a, state["basis"], coordinates)
             else:
                 coordinates = a[state["indices"]]  # (rank, long)
                 rest = a.index_fill(0, state["indices"], 0.0)

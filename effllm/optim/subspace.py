@@ -56,11 +56,32 @@ def seeded_generator(seed: int, param_index: int, refresh_index: int) -> torch.G
     return generator
 
 
+def rounding_tolerance(a: torch.Tensor) -> float:
+    """Relative size below which a part of ``a`` is indistinguishable from float32 rounding: numpy's
+    ``matrix_rank`` tolerance, ``max(shape) * eps``."""
+    return max(a.shape) * torch.finfo(torch.float32).eps
+
+
 def svd_basis(a: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` left singular vectors of ``a`` (d, long) as rows: ``(rank, d)``, in its own storage
-    (a slice would keep the whole SVD factor alive)."""
-    left, _, _ = torch.linalg.svd(a.float(), full_matrices=False)
-    return left[:, :rank].T.clone(memory_format=torch.contiguous_format)
+    (a slice would keep the whole SVD factor alive).
+
+    Rows whose singular value is at rounding level are zero: when ``a`` has fewer than ``rank`` independent
+    directions, the remaining singular vectors are arbitrary (they differ between a DDP all-reduced gradient
+    and the same gradient summed in one process), and Adam would turn their noise coordinates into full steps.
+    """
+    left, singular_values, _ = torch.linalg.svd(a.float(), full_matrices=False)
+    basis = left[:, :rank].T.clone(memory_format=torch.contiguous_format)
+    significant = singular_values[:rank] > singular_values[0] * rounding_tolerance(a)
+    return basis.mul_(significant[:, None])  # a mask, not a Python branch: no device synchronisation
+
+
+def residual(a: torch.Tensor, basis: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+    """``a - basis^T @ coordinates``: the part of ``a`` outside the subspace; exactly zero when it is at
+    rounding level (``a`` lies in the subspace), since its signs would be noise that signSGD makes full steps."""
+    rest = a - basis.T @ coordinates
+    significant = torch.linalg.vector_norm(rest) > torch.linalg.vector_norm(a) * rounding_tolerance(a)
+    return rest.mul_(significant)  # a mask, not a Python branch: no device synchronisation
 
 
 def random_basis(d: int, rank: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -24,6 +24,7 @@ WORLD_SIZE = 2
 STEPS = 5
 LR = 1e-2
 BATCH = 128  # split evenly between the ranks; more rows than any layer is wide, so gradients have full rank
+LOW_RANK_BATCH = 8  # fewer rows than Frugal's subspace rank: the SVD sees rank-deficient gradients
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # a broken scenario fails instead of hanging
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -36,9 +37,9 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 64), nn.Tanh(), nn.Linear(64, 8))
 
 
-def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH, 16, generator=generator), torch.randn(BATCH, 8, generator=generator)
+    return torch.randn(size, 16, generator=generator), torch.randn(size, 8, generator=generator)
 
 
 # Each scenario: the optimizer built from a model; 8-bit states on every weight (min_8bit_size=0).
@@ -46,10 +47,12 @@ OPTIMIZERS = {
     "adamw8bit": lambda model: AdamW8bit(model.parameters(), lr=LR, min_8bit_size=0, blocksize=64),
     "adamw32": lambda model: AdamW8bit(model.parameters(), lr=LR, state_bits=32),
     "frugal_svd": lambda model: Frugal(model, lr=LR, density=0.25, projection="svd", update_gap=2),
+    "frugal_svd_low_rank": lambda model: Frugal(model, lr=LR, density=0.25, projection="svd", update_gap=2),
     "frugal_random_8bit": lambda model: Frugal(model, lr=LR, density=0.25, projection="random", update_gap=2,
                                                inner="adamw8bit", inner_kwargs={"min_8bit_size": 0}),
 }
-DDP_SCENARIOS = ("adamw8bit", "adamw32", "frugal_svd", "frugal_random_8bit")
+DDP_SCENARIOS = ("adamw8bit", "adamw32", "frugal_svd", "frugal_svd_low_rank", "frugal_random_8bit")
+BATCH_OF = {"frugal_svd_low_rank": LOW_RANK_BATCH}
 FSDP_SCENARIOS = ("adamw8bit", "adamw32")
 
 
@@ -62,12 +65,19 @@ def train(model, optimizer, inputs, targets) -> None:
 
 def single_process(name: str) -> list[torch.Tensor]:
     model = make_model()
-    train(model, OPTIMIZERS[name](model), *make_batch())
+    train(model, OPTIMIZERS[name](model), *make_batch(BATCH_OF.get(name, BATCH)))
     return [p.detach().clone() for p in model.parameters()]
 
 
 # --- what each rank runs -------------------------------------------------------------------------------
-def _ddp(name, rank, inputs, targets) -> dict:
+def rank_batch(rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = make_batch(size)
+    shard = slice(rank * size // WORLD_SIZE, (rank + 1) * size // WORLD_SIZE)
+    return inputs[shard], targets[shard]
+
+
+def _ddp(name, rank) -> dict:
+    inputs, targets = rank_batch(rank, BATCH_OF.get(name, BATCH))
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     train(ddp, OPTIMIZERS[name](model), inputs, targets)
@@ -109,10 +119,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
                             timeout=COLLECTIVE_TIMEOUT)
-    inputs, targets = make_batch()
-    shard = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
-    inputs, targets = inputs[shard], targets[shard]
-    jobs = {f"ddp/{name}": (lambda n=name: _ddp(n, rank, inputs, targets)) for name in DDP_SCENARIOS}
+    inputs, targets = rank_batch(rank, BATCH)
+    jobs = {f"ddp/{name}": (lambda n=name: _ddp(n, rank)) for name in DDP_SCENARIOS}
     jobs.update({f"fsdp2/{name}": (lambda n=name: _fsdp2(n, rank, inputs, targets)) for name in FSDP_SCENARIOS})
     jobs["fsdp2/frugal"] = lambda: _fsdp2_frugal(rank, inputs, targets)
     results = {}

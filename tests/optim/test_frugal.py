@@ -66,6 +66,23 @@ def test_svd_basis_is_the_top_singular_subspace_held_alone(shape):
     assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
 
 
+def test_svd_of_a_low_rank_gradient_keeps_the_update_in_its_span():
+    """A rank-2 gradient and a rank-6 subspace: the 4 extra singular vectors are arbitrary, and the residual
+    is rounding noise. Neither may move the weight (signSGD and Adam would turn noise into full steps)."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(12, 2, generator=generator))[0]  # (12, 2) orthonormal
+    grad = left @ torch.randn(2, 40, generator=generator)
+    param = nn.Parameter(torch.zeros(12, 40))
+    optimizer = Frugal([param], lr=LR, density=0.5, projection="svd")
+    run_on_grads(param, optimizer, [grad])
+    basis = optimizer.state[param]["basis"]
+    assert basis.shape == (6, 12)
+    assert (basis.abs().sum(dim=1) > 0).tolist() == [True, True, False, False, False, False]
+    outside_span = param.detach() - left @ (left.T @ param.detach())
+    assert param.detach().abs().max() > 0.5 * LR
+    assert outside_span.abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("projection", ["svd", "random"])
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12)], ids=["wide", "tall"])
 def test_basis_update_is_adamw_on_the_coordinates(projection, shape):
