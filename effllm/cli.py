@@ -59,6 +59,22 @@ def _version_of(package: str) -> str:
         return "not installed"
 
 
+@main.command()
+@click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Any English text file (e.g. ../shared/corpus/train.txt); bytes are the tokens.")
+@click.option("--steps", type=click.IntRange(10), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(text_path: str, steps: int, seed: int) -> None:
+    """Train a tiny LM with torch AdamW and effllm AdamW8bit side by side: loss and optimizer-state memory."""
+    from effllm.train.optimizer_demo import format_rows, run_demo
+
+    try:
+        rows = run_demo(text_path, steps=steps, seed=seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    click.echo(format_rows(rows))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks, measured side by side in one run."""
@@ -206,6 +222,25 @@ def _run_quantize(ref, config, out, resume, overwrite, trust_remote_code) -> Non
     click.echo(f"quantized {len(qconfig['modules'])} linears with {config.method} W{config.bits}"
                f"{'A' + str(config.act_bits) if config.act_bits else 'A16'} "
                f"g{config.group_size or 'channel'} in {elapsed:.0f} s -> {out}")
+
+
+@main.command()
+@click.argument("recipe_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--results", "results_path", type=click.Path(dir_okay=False), help="Where to write results.json.")
+@click.option("--overwrite", is_flag=True, help="Replace output folders that exist.")
+def run(recipe_file: str, results_path: str | None, overwrite: bool) -> None:
+    """Run a recipe (stages: quantize, eval) and print its results table."""
+    from effllm.recipes import Recipe, format_results, run_recipe
+
+    try:
+        recipe = Recipe.load(recipe_file)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    try:
+        rows = run_recipe(recipe, results_path, overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise UsageError(str(error)) from None
+    click.echo(format_results(rows))
 
 
 @main.command("eval")

