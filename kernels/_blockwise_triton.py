@@ -10,6 +10,8 @@ uses, so codes equal the reference's bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -130,6 +132,11 @@ def _dequantize_blockwise_kernel(
     tl.store(out_ptr + offs, to_storage_dtype(value * absmax, out_ptr.dtype.element_ty), mask=mask)
 
 
+def on_device(device: torch.device):
+    """Launch on ``device``'s GPU (Triton launches on the current CUDA device); nothing to do on CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def tile_for(blocksize: int) -> int:
     """Power-of-two tile covering one block (masked beyond ``blocksize``), at most ``MAX_TILE``."""
     return min(triton.next_power_of_2(blocksize), MAX_TILE)
@@ -155,10 +162,11 @@ def quantize_blockwise_triton(
     midpoints = map_midpoints(qmap.to(device=x.device, dtype=torch.float32)).contiguous()
     tile = tile_for(blocksize)
     rows = rows_for(tile)
-    _quantize_blockwise_kernel[(triton.cdiv(nblocks, rows),)](
-        flat, codes, absmax, midpoints, midpoints.numel(), numel, nblocks, blocksize,
-        ROWS=rows, TILE=tile, SEARCH_STEPS=search_steps(qmap.numel()), num_warps=num_warps_for(rows * tile),
-    )
+    with on_device(x.device):
+        _quantize_blockwise_kernel[(triton.cdiv(nblocks, rows),)](
+            flat, codes, absmax, midpoints, midpoints.numel(), numel, nblocks, blocksize,
+            ROWS=rows, TILE=tile, SEARCH_STEPS=search_steps(qmap.numel()), num_warps=num_warps_for(rows * tile),
+        )
     return codes, absmax
 
 
@@ -182,7 +190,8 @@ def dequantize_blockwise_triton(
     table = qmap.to(device=codes.device, dtype=torch.float32).contiguous()
     scales = absmax.to(device=codes.device, dtype=torch.float32).contiguous()
     grid = (triton.cdiv(numel, DEQUANT_TILE),)
-    _dequantize_blockwise_kernel[grid](
-        flat, scales, table, out, numel, blocksize, TILE=DEQUANT_TILE, num_warps=num_warps_for(DEQUANT_TILE)
-    )
+    with on_device(codes.device):
+        _dequantize_blockwise_kernel[grid](
+            flat, scales, table, out, numel, blocksize, TILE=DEQUANT_TILE, num_warps=num_warps_for(DEQUANT_TILE)
+        )
     return out

@@ -27,6 +27,7 @@ from ._blockwise_triton import (
     MAX_TILE,
     nearest_code,
     num_warps_for,
+    on_device,
     rows_for,
     search_steps,
     tile_for,
@@ -231,6 +232,9 @@ def _address(tensor: torch.Tensor | None) -> int:
 def _check_slot(slot: ParamSlot, algo: str, bits: int, blocksize: int) -> None:
     """Shape and dtype checks on metadata only (no device synchronisation)."""
     numel = slot.param.numel()
+    others = (slot.grad, slot.state1, slot.state2, slot.absmax1, slot.absmax2)
+    if any(t is not None and t.device != slot.param.device for t in others):
+        raise ValueError(f"gradient and states must be on the parameter's device ({slot.param.device})")
     if slot.grad.numel() != numel:
         raise ValueError(f"gradient has {slot.grad.numel()} elements, parameter {numel}")
     if slot.param.dtype not in TL_DTYPES or slot.grad.dtype not in TL_DTYPES:
@@ -344,14 +348,15 @@ def optim_update_many_triton(
         table, work = _tables(tensors, [p.numel() for p in params], rows_len, rows, device)
         map1, mid1, n_mid1, search1 = _map_args(qmap1 if not no_state1 else None, device, table)
         map2, mid2, n_mid2, search2 = _map_args(qmap2 if not no_state2 else None, device, table)
-        _optim_update_kernel[(work.shape[0],)](
-            table, work, map1, mid1, n_mid1, map2, mid2, n_mid2, **scalars, blocksize=rows_len,
-            ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=not no_state1, HAS_STATE2=not no_state2,
-            WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
-            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
-            ROWS=rows, TILE=tile, SEARCH1=search1, SEARCH2=search2,
-            num_warps=num_warps_for(rows * tile), enable_fp_fusion=False,
-        )
+        with on_device(device):
+            _optim_update_kernel[(work.shape[0],)](
+                table, work, map1, mid1, n_mid1, map2, mid2, n_mid2, **scalars, blocksize=rows_len,
+                ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=not no_state1, HAS_STATE2=not no_state2,
+                WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
+                P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
+                ROWS=rows, TILE=tile, SEARCH1=search1, SEARCH2=search2,
+                num_warps=num_warps_for(rows * tile), enable_fp_fusion=False,
+            )
         for slot, work_copy in zip(bucket, params):
             if work_copy.data_ptr() != slot.param.data_ptr():
                 slot.param.detach().copy_(work_copy)
