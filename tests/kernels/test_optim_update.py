@@ -206,7 +206,7 @@ def test_nonfinite_gradient_elements_are_skipped(backend, case, bits):
     _, device = backend
     setup = _setup(case, bits, device)
     hyper = dataclasses.replace(setup.hyper, step=2)
-    bad = torch.tensor(list(NONFINITE))
+    bad = torch.tensor(list(NONFINITE), device=device)
     numel = 600
     slots = _slots(case, setup, [(numel,)], torch.float32, device)
     _set_gradients(slots, torch.Generator().manual_seed(2))
@@ -218,7 +218,7 @@ def test_nonfinite_gradient_elements_are_skipped(backend, case, bits):
     after = slots[0]
 
     assert torch.equal(after.param[bad], before.param[bad])
-    good = torch.ones(numel, dtype=torch.bool)
+    good = torch.ones(numel, dtype=torch.bool, device=device)
     good[bad] = False
     assert torch.equal(after.param[good], clean[0].param[good])
     assert not torch.equal(after.param[good], before.param[good])
