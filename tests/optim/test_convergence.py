@@ -77,3 +77,19 @@ def test_adamw8bit_ends_within_one_percent_of_adamw(runs):
     valid_ratio = ours.valid_loss / reference.valid_loss
     assert abs(train_ratio - 1) < TOLERANCE, f"smoothed train loss ratio {train_ratio:.4f}"
     assert abs(valid_ratio - 1) < TOLERANCE, f"valid loss ratio {valid_ratio:.4f}"
+
+
+def test_batches_are_reproducible_byte_windows(corpus_dir):
+    """The data half of "same data order": the same seed gives the same windows of the file."""
+    tokens = load_bytes(corpus_dir / "train.txt", 10_000)
+    first = list(random_batches(tokens, BATCH_SIZE, SEQ_LEN, 3, seed=SEED))
+    again = list(random_batches(tokens, BATCH_SIZE, SEQ_LEN, 3, seed=SEED))
+    other = list(random_batches(tokens, BATCH_SIZE, SEQ_LEN, 3, seed=SEED + 1))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert first[0].shape == (BATCH_SIZE, SEQ_LEN) and first[0].dtype == torch.long
+    text = (corpus_dir / "train.txt").read_bytes()[:10_000]
+    row = bytes(first[0][0].tolist())
+    assert row in text  # each row is a contiguous window of the file
+    valid = sequential_batches(tokens, 4, SEQ_LEN)
+    assert torch.equal(valid[0].reshape(-1), tokens[: 4 * SEQ_LEN].long())

@@ -150,8 +150,7 @@ def test_add_param_group_fills_defaults_and_trains_the_new_group():
     group = optimizer.param_groups[1]
     assert group["momentum"] == 0.9 and group["min_8bit_size"] == 4096 and group["lr"] == 0.01
     before = second.detach().clone()
-    grads = _set_grads([first, second], seed=3)
-    del grads
+    _set_grads([first, second], seed=3)
     expected_step = 0.01 * second.grad  # first SGD step: momentum buffer = gradient
     optimizer.step()
     torch.testing.assert_close(second.detach(), before - expected_step)
