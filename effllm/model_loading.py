@@ -10,7 +10,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 PACKAGE_PREFIX = "pkg:"
 
 

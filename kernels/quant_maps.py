@@ -15,7 +15,7 @@ import torch
 _DECADE_LOW = 0.1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_cpu(signed: bool, bits: int) -> torch.Tensor:
     exponent_levels = bits - 1  # one decade per non-sign bit
     values = [0.0, 1.0]
@@ -48,7 +48,7 @@ def dynamic_map(signed: bool = True, bits: int = 8, device: torch.device | str |
     return _dynamic_map_cpu(bool(signed), int(bits)).to(device or "cpu", copy=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _linear_map_cpu(signed: bool, bits: int, include_zero: bool) -> torch.Tensor:
     levels = 2**bits
     if signed:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from effllm.kernels import cpu_kernels_available, triton_available, triton_interpreting
 
 
