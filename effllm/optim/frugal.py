@@ -207,20 +207,30 @@ class Frugal(Optimizer):
             raise ValueError(f"update_gap must be >= 1, got {group['update_gap']}")
 
     @staticmethod
+    def _check_projectable(param: torch.Tensor) -> None:
+        if is_dtensor(param):
+            raise NotImplementedError(
+                "Frugal projects whole gradients; its projected weights cannot be DTensors (FSDP2). "
+                "Use DDP, or keep these weights state-full (projected=False).")
+        if param.grad is not None and param.grad.is_sparse:
+            raise RuntimeError("Frugal does not support sparse gradients")
+
+    @staticmethod
     def _is_projected(param: torch.Tensor, group: dict) -> bool:
         return bool(group["projected"]) and param.ndim >= 2
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; also gives the inner optimizer two groups: the
         group's state-full parameters, and the handles of its projected ones."""
+        self._check_group({**self.defaults, **param_group})  # before torch adds the group
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._check_group(group)
         full, handles = [], []
         for param in group["params"]:
             if not self._is_projected(param, group):
                 full.append(param)
                 continue
+            self._check_projectable(param)
             handle = torch.empty(0, dtype=torch.float32, device=param.device)
             override(handle, **overrides_of(param))
             self._handles[param] = handle
@@ -244,7 +254,8 @@ class Frugal(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = []
+        # First find the work (and refuse what cannot be done) before any state changes.
+        projected = []  # (param, group, group index, index among all params, position among projected)
         param_index = 0
         for group_index, group in enumerate(self.param_groups):
             self._sync_inner_hyperparameters(group_index, group)
@@ -256,15 +267,10 @@ class Frugal(Optimizer):
                         self._link_inner_state(param, param)
                     continue
                 position, projected_position = projected_position, projected_position + 1
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("Frugal does not support sparse gradients")
-                if is_dtensor(param):
-                    raise NotImplementedError(
-                        "Frugal projects whole gradients; its projected weights cannot be DTensors (FSDP2). "
-                        "Use DDP, or keep these weights state-full (projected=False).")
-                pending.append(self._prepare(param, group, group_index, index, position))
+                if param.grad is not None:
+                    self._check_projectable(param)  # FSDP2 may turn parameters into DTensors after __init__
+                    projected.append((param, group, group_index, index, position))
+        pending = [self._prepare(*work) for work in projected]
         self._inner.step()
         for work in pending:
             self._finish(*work)

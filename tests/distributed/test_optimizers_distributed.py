@@ -106,12 +106,12 @@ def _fsdp2_frugal(rank, inputs, targets) -> dict:
 
     model = make_model()
     fully_shard(model)
-    optimizer = Frugal(model, lr=LR)
-    nn.functional.mse_loss(model(inputs), targets).backward()
     try:
-        optimizer.step()
+        optimizer = Frugal(model, lr=LR)
     except NotImplementedError as error:
         return {"error": str(error)}
+    nn.functional.mse_loss(model(inputs), targets).backward()
+    optimizer.step()
     return {"error": None}
 
 

@@ -411,3 +411,47 @@ def test_loss_decreases_on_a_tiny_llama():
 def test_bad_options_are_rejected(options, message):
     with pytest.raises(ValueError, match=message):
         Frugal([nn.Parameter(torch.zeros(4, 4))], **options)
+
+
+def test_a_bad_group_added_later_leaves_no_trace():
+    optimizer = Frugal([nn.Parameter(torch.zeros(4, 4))])
+    with pytest.raises(ValueError, match="density"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(4, 4))], "density": -1})
+    assert len(optimizer.param_groups) == 1 and len(optimizer.inner.param_groups) == 2
+
+
+# --- torch.optim semantics ---------------------------------------------------------------------------------
+def test_add_param_group_and_closure():
+    first = nn.Parameter(torch.randn(8, 12))
+    optimizer = Frugal([first], lr=LR, density=0.5, state_free="none")
+    second = nn.Parameter(torch.zeros(8, 12))
+    start = second.detach().clone()
+    optimizer.add_param_group({"params": [second], "density": 1.0, "lr": 2 * LR})
+    grad = make_grads((8, 12), 1)[0]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (second * grad).sum() + first.square().sum()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert torch.is_tensor(loss)
+    # density 1 in the new group: AdamW's first step, sign-like, at the group's own learning rate
+    torch.testing.assert_close(second.detach(), start + adamw_on_coordinates([grad], lr=2 * LR))
+    assert "basis" in optimizer.state[first]
+
+
+@pytest.mark.parametrize("projection", ["svd", "random", "columns", "blocks"])
+def test_bf16_weights(projection):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 12, dtype=torch.bfloat16)) for _ in range(2)]
+    starts = [p.detach().clone() for p in params]
+    optimizer = Frugal(params, lr=LR, density=0.5, projection=projection, inner="adamw8bit")
+    for _ in range(2):
+        for param in params:
+            param.grad = torch.randn_like(param)
+        optimizer.step()
+    for param, start in zip(params, starts):
+        assert param.dtype == torch.bfloat16 and torch.isfinite(param).all()
+        assert not torch.equal(param, start)
