@@ -250,22 +250,21 @@ def test_window_of_two_blocks_equals_block_by_block(calib_ids):
         torch.testing.assert_close(models[1](calib_ids).logits, models[0](calib_ids).logits)
 
 
-@pytest.mark.parametrize("algorithm", [GPTQ(), GPTQ(act_order=False), GPTQ(sequential=False)],
-                         ids=["default", "no_act_order", "not_sequential"])
-def test_runner_gptq_logits_closer_to_full_precision_than_rtn(algorithm):
+def test_runner_gptq_logits_closer_to_full_precision_than_rtn():
     spec = WeightQuantSpec(3, 16)
+    variants = {"default": GPTQ(), "no_act_order": GPTQ(act_order=False), "not_sequential": GPTQ(sequential=False)}
     for seed in range(3):
         full_precision = make_tiny_llama(layers=2, seed=seed)
         generator = torch.Generator().manual_seed(100 + seed)
-        calibration = torch.randint(0, 64, (16, 32), generator=generator)
+        calibration = torch.randint(0, 64, (8, 32), generator=generator)
         held_out = torch.randint(0, 64, (8, 32), generator=generator)
         with torch.no_grad():
             reference = full_precision(held_out).logits
         errors = {}
-        for name, method in (("rtn", RTN()), ("gptq", algorithm)):
+        for name, method in {"rtn": RTN(), **variants}.items():
             model = copy.deepcopy(full_precision)
             quantize_blocks(model, calibration, spec, method, progress=False)
             assert sum(isinstance(m, QuantLinear) for m in model.model.layers.modules()) == 2 * 7
             with torch.no_grad():
                 errors[name] = nn.functional.mse_loss(model(held_out).logits, reference).item()
-        assert errors["gptq"] < errors["rtn"], (seed, errors)
+        assert all(errors[name] < errors["rtn"] for name in variants), (seed, errors)
