@@ -143,10 +143,13 @@ def quantize_blocks(
         bar.set_postfix(blocks=f"{start}-{end - 1}", loss=f"{report.loss:.3g}")
 
         next_start = starts[position + 1] if position + 1 < len(starts) else len(blocks)
+        if next_start == end:  # no overlap: the streams past this window are the ones just computed
+            fp_hidden, q_hidden = targets, output
         for index in range(start, next_start):
-            with quantization_disabled([blocks[index]]):
-                fp_hidden = run_block(blocks[index], fp_hidden, kwargs, batch_size)
-            q_hidden = run_block(blocks[index], q_hidden, kwargs, batch_size)
+            if next_start != end:
+                with quantization_disabled([blocks[index]]):
+                    fp_hidden = run_block(blocks[index], fp_hidden, kwargs, batch_size)
+                q_hidden = run_block(blocks[index], q_hidden, kwargs, batch_size)
             freeze_linears(blocks[index])
             blocks[index].to(home)
         if on_window_done is not None:
