@@ -342,11 +342,11 @@ class Frugal(Optimizer):
             self._refresh(state, group, grad_matrix, mode, index, refresh)
 
         coordinates = rest = None
-        if mode == _FREE:
+        if mode == _FREE and group["state_free"] != "none":
             rest = short_side_first(grad_matrix).to(torch.float32, copy=True)  # updated in place later
         elif mode == _WHOLE:
             coordinates = param.grad.float()
-        else:
+        elif mode != _FREE:
             a = short_side_first(grad_matrix).float()  # (d, long)
             if mode == _BASIS:
                 coordinates = state["basis"] @ a  # (rank, long)

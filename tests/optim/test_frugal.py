@@ -83,6 +83,16 @@ def test_svd_of_a_low_rank_gradient_keeps_the_update_in_its_span():
     assert outside_span.abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("projection, key", [("svd", "basis"), ("random", "basis"), ("columns", "indices")])
+def test_each_projection_owns_its_storage(projection, key):
+    """What state holds is the projection alone, not a view that keeps a bigger tensor alive."""
+    param = nn.Parameter(torch.zeros(12, 40))
+    optimizer = Frugal([param], lr=LR, density=0.25, projection=projection)
+    run_on_grads(param, optimizer, make_grads((12, 40), 1))
+    held = optimizer.state[param][key]
+    assert held.untyped_storage().nbytes() == held.numel() * held.element_size()
+
+
 @pytest.mark.parametrize("projection", ["svd", "random"])
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12)], ids=["wide", "tall"])
 def test_basis_update_is_adamw_on_the_coordinates(projection, shape):
