@@ -69,111 +69,107 @@ static inline float lerp_coefficient(float weight) { return fabsf(weight) < 0.5f
 
 static inline int is_finite(float x) { return fabsf(x) <= FLT_MAX; }
 
-/* The updates on fp32 arrays [n]: inputs p, g, m, v; outputs p_out, m_out, v_out, which never alias an
- * input (written in place, gcc turns `x[i] = keep ? x[i] : y` into masked stores, which are slow).
- * An element with a non-finite gradient keeps its old values. Options that change which operations run
- * (l2, shrink, momentum) are compile-time constants of each always-inlined copy, so every loop is
- * branch-free and vectorises. m and v are NULL for an algorithm without that state. */
 #define INLINE static inline __attribute__((always_inline))
-#define UPDATE_ARGS                                                                                          \
-    int64_t n, const float *restrict p, const float *restrict g, const float *restrict m,                    \
-        const float *restrict v, float *restrict p_out, float *restrict m_out, float *restrict v_out,       \
-        const effllm_hyper *h
 
-INLINE void adam_loop(UPDATE_ARGS, const int l2, const int shrink) {
-    const float coefficient1 = lerp_coefficient(h->one_minus_beta1);
-    const int small1 = fabsf(h->one_minus_beta1) < 0.5f;
-    const float beta2 = h->beta2, one_minus_beta2 = h->one_minus_beta2;
-    const float bc2 = h->bias_correction2_sqrt, eps = h->eps, step_size = h->step_size;
-    const float wd = h->weight_decay, decay = h->decay_factor;
+/* One element's parameter and states. */
+typedef struct {
+    float p, m, v;
+} element;
+
+/* One step of each algorithm on one element. The int options are compile-time constants in every inlined
+ * copy (see update_elements), so each loop runs only its operations and vectorises. */
+INLINE element adam_step(element old, float grad, const effllm_hyper *h, const int l2, const int shrink) {
+    if (l2) grad = grad + h->weight_decay * old.p;
+    const float param = shrink ? old.p * h->decay_factor : old.p;
+    element new;
+    new.m = lerp(old.m, grad, lerp_coefficient(h->one_minus_beta1), fabsf(h->one_minus_beta1) < 0.5f);
+    new.v = old.v * h->beta2 + (h->one_minus_beta2 * grad) * grad;
+    const float denom = sqrtf(new.v) / h->bias_correction2_sqrt + h->eps;
+    new.p = param - h->step_size * (new.m / denom);
+    return new;
+}
+
+INLINE element lion_step(element old, float grad, const effllm_hyper *h, const int unused1, const int unused2) {
+    (void)unused1, (void)unused2;
+    const float mix = old.m * h->beta1 + grad * h->one_minus_beta1;
+    const float direction = (float)((mix > 0.0f) - (mix < 0.0f)); /* torch.sign of a finite value */
+    element new = old;
+    new.p = old.p * h->decay_factor - h->lr * direction;
+    new.m = lerp(old.m, grad, lerp_coefficient(h->one_minus_beta2), fabsf(h->one_minus_beta2) < 0.5f);
+    return new;
+}
+
+INLINE element sgd_step(element old, float grad, const effllm_hyper *h, const int l2, const int momentum_buffer) {
+    if (l2) grad = grad + h->weight_decay * old.p;
+    element new = old;
+    if (momentum_buffer) {
+        new.m = h->first_step ? grad : old.m * h->beta1 + h->one_minus_dampening * grad;
+        grad = h->nesterov ? grad + h->beta1 * new.m : new.m;
+    }
+    new.p = old.p - h->lr * grad;
+    return new;
+}
+
+INLINE element rmsprop_step(element old, float grad, const effllm_hyper *h, const int l2, const int unused) {
+    (void)unused;
+    if (l2) grad = grad + h->weight_decay * old.p;
+    element new = old;
+    new.v = old.v * h->beta2 + (h->one_minus_beta2 * grad) * grad;
+    new.p = old.p - (h->lr * grad) / (sqrtf(new.v) + h->eps);
+    return new;
+}
+
+typedef element (*step_function)(element, float, const effllm_hyper *, int, int);
+
+/* Applies `step` in place to p, m, v [n] (m or v unused where has_m / has_v is 0). With `skip_nonfinite`,
+ * an element whose gradient is NaN or Inf keeps its old values; spans with no such gradient (nearly all)
+ * run without that test, which keeps the loop free of conditional stores. */
+INLINE void update_elements(int64_t n, float *restrict p, const float *restrict g, float *restrict m,
+                            float *restrict v, const effllm_hyper *h, step_function step, const int option1,
+                            const int option2, const int has_m, const int has_v, const int skip_nonfinite) {
     for (int64_t i = 0; i < n; i++) {
-        const int finite = is_finite(g[i]);
-        float grad = finite ? g[i] : 0.0f;
-        if (l2) grad = grad + wd * p[i];
-        const float param = shrink ? p[i] * decay : p[i];
-        const float m_new = lerp(m[i], grad, coefficient1, small1);
-        const float v_new = v[i] * beta2 + (one_minus_beta2 * grad) * grad;
-        const float denom = sqrtf(v_new) / bc2 + eps;
-        p_out[i] = finite ? param - step_size * (m_new / denom) : p[i];
-        m_out[i] = finite ? m_new : m[i];
-        v_out[i] = finite ? v_new : v[i];
+        if (skip_nonfinite && !is_finite(g[i])) continue;
+        const element old = {p[i], has_m ? m[i] : 0.0f, has_v ? v[i] : 0.0f};
+        const element new = step(old, g[i], h, option1, option2);
+        p[i] = new.p;
+        if (has_m) m[i] = new.m;
+        if (has_v) v[i] = new.v;
     }
 }
 
-static void adam_update(UPDATE_ARGS, int decoupled) {
-    if (!h->has_weight_decay) adam_loop(n, p, g, m, v, p_out, m_out, v_out, h, 0, 0);
-    else if (decoupled) adam_loop(n, p, g, m, v, p_out, m_out, v_out, h, 0, 1);
-    else adam_loop(n, p, g, m, v, p_out, m_out, v_out, h, 1, 0);
-}
-
-static void lion_update(UPDATE_ARGS) {
-    (void)v, (void)v_out;
-    const float beta1 = h->beta1, one_minus_beta1 = h->one_minus_beta1;
-    const float coefficient2 = lerp_coefficient(h->one_minus_beta2);
-    const int small2 = fabsf(h->one_minus_beta2) < 0.5f;
-    const float lr = h->lr, decay = h->decay_factor;
-    for (int64_t i = 0; i < n; i++) {
-        const int finite = is_finite(g[i]);
-        const float grad = finite ? g[i] : 0.0f;
-        const float mix = m[i] * beta1 + grad * one_minus_beta1;
-        const float direction = (float)((mix > 0.0f) - (mix < 0.0f)); /* torch.sign of a finite value */
-        p_out[i] = finite ? p[i] * decay - lr * direction : p[i];
-        m_out[i] = finite ? lerp(m[i], grad, coefficient2, small2) : m[i];
-    }
-}
-
-INLINE void sgd_loop(UPDATE_ARGS, const int l2, const int momentum_buffer) {
-    (void)v, (void)v_out;
-    const float lr = h->lr, wd = h->weight_decay, momentum = h->beta1, one_minus_dampening = h->one_minus_dampening;
-    const int first = h->first_step, nesterov = h->nesterov;
-    for (int64_t i = 0; i < n; i++) {
-        const int finite = is_finite(g[i]);
-        float grad = finite ? g[i] : 0.0f;
-        if (l2) grad = grad + wd * p[i];
-        if (momentum_buffer) {
-            const float m_new = first ? grad : m[i] * momentum + one_minus_dampening * grad;
-            grad = nesterov ? grad + momentum * m_new : m_new;
-            m_out[i] = finite ? m_new : m[i];
-        }
-        p_out[i] = finite ? p[i] - lr * grad : p[i];
-    }
-}
-
-/* m is NULL without momentum. */
-static void sgd_update(UPDATE_ARGS) {
-    if (m && h->has_weight_decay) sgd_loop(n, p, g, m, v, p_out, m_out, v_out, h, 1, 1);
-    else if (m) sgd_loop(n, p, g, m, v, p_out, m_out, v_out, h, 0, 1);
-    else if (h->has_weight_decay) sgd_loop(n, p, g, m, v, p_out, m_out, v_out, h, 1, 0);
-    else sgd_loop(n, p, g, m, v, p_out, m_out, v_out, h, 0, 0);
-}
-
-INLINE void rmsprop_loop(UPDATE_ARGS, const int l2) {
-    (void)m, (void)m_out;
-    const float lr = h->lr, wd = h->weight_decay, alpha = h->beta2, one_minus_alpha = h->one_minus_beta2;
-    const float eps = h->eps;
-    for (int64_t i = 0; i < n; i++) {
-        const int finite = is_finite(g[i]);
-        float grad = finite ? g[i] : 0.0f;
-        if (l2) grad = grad + wd * p[i];
-        const float v_new = v[i] * alpha + (one_minus_alpha * grad) * grad;
-        p_out[i] = finite ? p[i] - (lr * grad) / (sqrtf(v_new) + eps) : p[i];
-        v_out[i] = finite ? v_new : v[i];
-    }
-}
-
-static void rmsprop_update(UPDATE_ARGS) {
-    if (h->has_weight_decay) rmsprop_loop(n, p, g, m, v, p_out, m_out, v_out, h, 1);
-    else rmsprop_loop(n, p, g, m, v, p_out, m_out, v_out, h, 0);
-}
-
-static void apply_update(int algo, UPDATE_ARGS) {
+/* Every (algorithm, options) pair as its own loop. */
+INLINE void update_span_values(int algo, int64_t n, float *p, const float *g, float *m, float *v,
+                               const effllm_hyper *h, const int skip_nonfinite) {
+    const int l2 = h->has_weight_decay;
     switch (algo) {
-    case ALGO_ADAM: adam_update(n, p, g, m, v, p_out, m_out, v_out, h, 0); break;
-    case ALGO_ADAMW: adam_update(n, p, g, m, v, p_out, m_out, v_out, h, 1); break;
-    case ALGO_LION: lion_update(n, p, g, m, v, p_out, m_out, v_out, h); break;
-    case ALGO_SGD: sgd_update(n, p, g, m, v, p_out, m_out, v_out, h); break;
-    case ALGO_RMSPROP: rmsprop_update(n, p, g, m, v, p_out, m_out, v_out, h); break;
+    case ALGO_ADAM:
+        if (l2) update_elements(n, p, g, m, v, h, adam_step, 1, 0, 1, 1, skip_nonfinite);
+        else update_elements(n, p, g, m, v, h, adam_step, 0, 0, 1, 1, skip_nonfinite);
+        break;
+    case ALGO_ADAMW:
+        if (l2) update_elements(n, p, g, m, v, h, adam_step, 0, 1, 1, 1, skip_nonfinite);
+        else update_elements(n, p, g, m, v, h, adam_step, 0, 0, 1, 1, skip_nonfinite);
+        break;
+    case ALGO_LION: update_elements(n, p, g, m, v, h, lion_step, 0, 0, 1, 0, skip_nonfinite); break;
+    case ALGO_SGD:
+        if (m && l2) update_elements(n, p, g, m, v, h, sgd_step, 1, 1, 1, 0, skip_nonfinite);
+        else if (m) update_elements(n, p, g, m, v, h, sgd_step, 0, 1, 1, 0, skip_nonfinite);
+        else if (l2) update_elements(n, p, g, m, v, h, sgd_step, 1, 0, 0, 0, skip_nonfinite);
+        else update_elements(n, p, g, m, v, h, sgd_step, 0, 0, 0, 0, skip_nonfinite);
+        break;
+    case ALGO_RMSPROP:
+        if (l2) update_elements(n, p, g, m, v, h, rmsprop_step, 1, 0, 0, 1, skip_nonfinite);
+        else update_elements(n, p, g, m, v, h, rmsprop_step, 0, 0, 0, 1, skip_nonfinite);
+        break;
     }
+}
+
+static void apply_update(int algo, int64_t n, float *p, const float *g, float *m, float *v, const effllm_hyper *h) {
+    /* The largest |g| is finite exactly when every g is (NaN compares above Inf as an integer). */
+    if (is_finite(block_absmax(g, n)))
+        update_span_values(algo, n, p, g, m, v, h, 0);
+    else
+        update_span_values(algo, n, p, g, m, v, h, 1);
 }
 
 typedef struct {
@@ -183,35 +179,28 @@ typedef struct {
     const effllm_hyper *hyper;
 } update_config;
 
-/* Per-thread fp32 scratch, each [span]: a span's inputs and outputs stay in L1 between the passes. */
+/* Per-thread scratch, each [span]: a span's values stay in L1 between the passes. */
 typedef struct {
-    float *param, *grad, *state1, *state2;     /* inputs */
-    float *param_out, *state1_out, *state2_out; /* outputs */
-    uint8_t *codes;                            /* 4-bit codes before packing */
+    float *param, *grad, *state1, *state2; /* fp32 copies where the tensors hold something else */
+    uint8_t *codes;                        /* 4-bit codes before packing */
 } scratch_buffers;
-#define SCRATCH_FLOAT_BUFFERS 7
+#define SCRATCH_FLOAT_BUFFERS 4
 
-/* The fp32 values of one state over one span, copied or dequantized into `scratch`. */
-static const float *read_state(const update_config *c, const void *state, const float *absmax,
-                               const effllm_code_map *map, int64_t first, int64_t n, int64_t block, float *scratch) {
+/* A state's fp32 values over one span, for the update to change in place: fp32 states themselves,
+ * quantized ones dequantized into `scratch`. */
+static float *open_state(const update_config *c, void *state, const float *absmax, const effllm_code_map *map,
+                         int64_t first, int64_t n, int64_t block, float *scratch) {
     if (state == NULL) return NULL;
-    if (c->bits == 32)
-        memcpy(scratch, (const float *)state + first, (size_t)n * sizeof(float));
-    else if (c->bits == 8)
+    if (c->bits == 32) return (float *)state + first;
+    if (c->bits == 8)
         dequantize_codes8(map->values, (const uint8_t *)state + first, n, absmax[block], scratch);
     else
         dequantize_codes4(map->values, (const uint8_t *)state, first, n, absmax[block], scratch);
     return scratch;
 }
 
-/* Where the update writes a state's new values: fp32 states directly, quantized ones into scratch. */
-static float *state_output(const update_config *c, void *state, int64_t first, float *scratch) {
-    if (state == NULL) return NULL;
-    return c->bits == 32 ? (float *)state + first : scratch;
-}
-
 /* Quantizes a block's new values into the state's codes and absmax (fp32 states are already written). */
-static void write_state(const update_config *c, void *state, float *absmax, const effllm_code_map *map,
+static void close_state(const update_config *c, void *state, float *absmax, const effllm_code_map *map,
                         int64_t first, int64_t n, int64_t block, const float *values, uint8_t *codes) {
     if (state == NULL || c->bits == 32) return;
     if (c->bits == 8) {
@@ -222,8 +211,8 @@ static void write_state(const update_config *c, void *state, float *absmax, cons
     }
 }
 
-/* Asks for the memory of elements first .. first+n-1 ahead of use. The hardware prefetchers lose a stream at
- * every 4 KiB page, which with five streams costs more than the prefetch instructions. */
+/* Asks for the memory of elements first .. first+n-1 ahead of use: the hardware prefetchers restart at
+ * every 4 KiB page, and with five streams that is often (measured: about 15% faster at 16M parameters). */
 static void prefetch_span(const update_config *c, const effllm_param_slot *s, int64_t first, int64_t n) {
     if (first + n > s->numel) return;
     const int64_t elem = dtype_size(s->dtype);
@@ -246,21 +235,20 @@ static void update_span(const update_config *c, const effllm_param_slot *s, int6
     const int64_t elem = dtype_size(s->dtype);
     char *param = (char *)s->param + first * elem;
     const char *grad = (const char *)s->grad + first * elem;
-    load_as_float(scratch->param, param, n, s->dtype);
+    float *p = (float *)param;
     const float *g = (const float *)grad;
     if (s->dtype != EFFLLM_FLOAT32) {
+        load_as_float(scratch->param, param, n, s->dtype);
         load_as_float(scratch->grad, grad, n, s->dtype);
+        p = scratch->param;
         g = scratch->grad;
     }
-    float *p_out = s->dtype == EFFLLM_FLOAT32 ? (float *)param : scratch->param_out;
-    const float *m = read_state(c, s->state1, s->absmax1, c->map1, first, n, block, scratch->state1);
-    const float *v = read_state(c, s->state2, s->absmax2, c->map2, first, n, block, scratch->state2);
-    float *m_out = state_output(c, s->state1, first, scratch->state1_out);
-    float *v_out = state_output(c, s->state2, first, scratch->state2_out);
-    apply_update(c->algo, n, scratch->param, g, m, v, p_out, m_out, v_out, c->hyper);
-    if (s->dtype != EFFLLM_FLOAT32) store_from_float(param, p_out, n, s->dtype);
-    write_state(c, s->state1, s->absmax1, c->map1, first, n, block, m_out, scratch->codes);
-    write_state(c, s->state2, s->absmax2, c->map2, first, n, block, v_out, scratch->codes);
+    float *m = open_state(c, s->state1, s->absmax1, c->map1, first, n, block, scratch->state1);
+    float *v = open_state(c, s->state2, s->absmax2, c->map2, first, n, block, scratch->state2);
+    apply_update(c->algo, n, p, g, m, v, c->hyper);
+    if (s->dtype != EFFLLM_FLOAT32) store_from_float(param, p, n, s->dtype);
+    close_state(c, s->state1, s->absmax1, c->map1, first, n, block, m, scratch->codes);
+    close_state(c, s->state2, s->absmax2, c->map2, first, n, block, v, scratch->codes);
 }
 
 static int64_t unit_elements(int bits, int64_t blocksize) {
@@ -306,9 +294,8 @@ int effllm_optim_update(int32_t algo, int32_t bits, int64_t blocksize, int32_t n
         if (buffer == NULL) {
             failed = 1;
         } else if (unit_begin < unit_end) {
-            const scratch_buffers scratch = {buffer,           buffer + span,     buffer + 2 * span,
-                                             buffer + 3 * span, buffer + 4 * span, buffer + 5 * span,
-                                             buffer + 6 * span, (uint8_t *)(buffer + SCRATCH_FLOAT_BUFFERS * span)};
+            const scratch_buffers scratch = {buffer, buffer + span, buffer + 2 * span, buffer + 3 * span,
+                                             (uint8_t *)(buffer + SCRATCH_FLOAT_BUFFERS * span)};
             int64_t slot = 0;
             while (units_before[slot + 1] <= unit_begin) slot++;
             for (int64_t unit = unit_begin; unit < unit_end; unit++) {
