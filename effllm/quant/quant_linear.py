@@ -3,7 +3,10 @@
 Buffers (what a quantized Hugging Face folder stores for each layer):
 ``qweight`` uint8 [ceil(out * in * bits / 8)] (codes of the row-major [out, in] weight, see kernels/packing),
 ``scales`` [out, groups] in the model dtype, ``zeros`` uint8 [out, groups], and ``bias``.
-The forward pass dequantizes on the fly; activations are fake-quantized per token when ``act_bits`` is set.
+The forward pass is ``effllm.kernels.qmatmul``: the weight is dequantized on the fly inside the kernel (Triton on
+GPU, C on CPU), never stored in full precision. Activations are fake-quantized per token when ``act_bits`` is set.
+The kernel's per-layer plan (e.g. fp32 scales on CPU) is cached on the layer, never saved, and rebuilt when the
+buffers, their device or the kernel backend change.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effllm.kernels import requested_backend
 from effllm.kernels.packing import pack_bits_ref, packed_numel, unpack_bits_ref
+from effllm.kernels.qmatmul import prepare_qmatmul
 
 from .weight_quant import WeightQuantSpec, fake_quant_activation
 
@@ -29,6 +34,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._drop_matmul_plan()
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
@@ -55,7 +61,37 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits:
             x = fake_quant_activation(x, self.act_bits)
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return self._matmul_plan()(x, self.bias)
+
+    def _plan_key(self) -> tuple:
+        """What the cached plan depends on. In-place writes (``load_state_dict``, ``copy_``) bump ``_version``;
+        tensors made under ``torch.inference_mode`` have no version counter, and only their address counts."""
+        key = [requested_backend()]
+        for tensor in (self.qweight, self.scales, self.zeros):
+            key += [tensor.device, tensor.data_ptr(), tensor.dtype]
+            if not tensor.is_inference():
+                key.append(tensor._version)
+        return tuple(key)
+
+    def _matmul_plan(self):
+        key = self._plan_key()
+        if key != self._cached_plan_key:
+            self._cached_plan = prepare_qmatmul(self.qweight, self.scales, self.zeros, self.spec.bits,
+                                                self.spec.group_size, self.out_features, self.in_features)
+            self._cached_plan_key = key
+        return self._cached_plan
+
+    def _drop_matmul_plan(self) -> None:
+        self._cached_plan, self._cached_plan_key = None, None
+
+    def _apply(self, *args, **kwargs):
+        self._drop_matmul_plan()  # .to()/.cuda()/.half() replace the buffers: let the old ones go now
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)  # deepcopy and pickle: the plan holds C entry points, rebuilt on use
+        state.update(_cached_plan=None, _cached_plan_key=None)
+        return state
 
     def extra_repr(self) -> str:
         group = self.spec.group_size or "channel"

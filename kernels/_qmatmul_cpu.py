@@ -1,0 +1,105 @@
+"""Packed-weight matmul with the C kernels (``csrc/qmatmul.c``), for CPU tensors.
+
+Few rows of ``x`` (decoding): one pass over the packed weight, decoding codes in registers; the weight is
+never expanded in memory, so the pass reads ``bits / 32`` of what an fp32 matmul reads. Many rows (prefill):
+the weight is dequantized to fp32 once per call by the C kernel and handed to torch's BLAS matmul, whose
+cost then dwarfs the dequantization, and the result is the reference's bit for bit. Results of the decoding
+kernel equal ``qmatmul_ref`` within fp32 rounding (the same products, summed in another order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import cpu_build
+from ._cpu_abi import check
+from .qmatmul import check_weight_args, qmatmul_ref
+
+# Above this many rows of x, dequantize-then-BLAS beats the decoding kernel (measured with
+# benchmarks/bench_qmatmul.py --rows on a 2-core AVX2 machine at SmolLM2-135M shapes: equal speed near 24 rows).
+MAX_DECODE_ROWS = 16
+# Below this many weight elements per thread, waking another thread costs more than it saves.
+MIN_WEIGHTS_PER_THREAD = 1 << 16
+
+_i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    # (x, m, qweight, stream_bytes, scales, zeros, bits, group_size, n, k, out, num_threads)
+    "effllm_qmatmul": [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _i32, _i64, _i64, _i64, _ptr, _i32],
+    # (qweight, stream_bytes, scales, zeros, bits, group_size, n, k, out, num_threads)
+    "effllm_dequantize_packed": [_ptr, _i64, _ptr, _ptr, _i32, _i64, _i64, _i64, _ptr, _i32],
+}
+
+
+@functools.cache
+def _kernels() -> ctypes.CDLL:
+    library = cpu_build.library()
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return library
+
+
+def threads_for(weight_numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), weight_numel // MIN_WEIGHTS_PER_THREAD))
+
+
+class CpuQMatmul:
+    """``plan(x, bias=None)``: the packed-weight matmul of one weight on CPU tensors (see ``prepare_qmatmul``).
+
+    Holds the weight's tensors (no copy of the codes), its scales as fp32 and the C entry points, so that a call
+    costs little more than the kernel itself: decoding calls a few hundred such matmuls per token.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int | None, out_features: int, in_features: int):
+        self.reference_args = (qweight, scales, zeros, bits, group_size, out_features, in_features)
+        self.group = check_weight_args(*self.reference_args)
+        self.bits, self.out_features, self.in_features = bits, out_features, in_features
+        self.stream = qweight.detach().contiguous()
+        self.scales32 = scales.detach().float().contiguous()
+        self.zeros8 = zeros.detach().contiguous()
+        kernels = _kernels()
+        self.decode_kernel, self.dequantize_kernel = kernels.effllm_qmatmul, kernels.effllm_dequantize_packed
+        # The arguments of both kernels that describe the weight, in their order.
+        self.weight_args = (self.stream.data_ptr(), self.stream.numel(), self.scales32.data_ptr(),
+                            self.zeros8.data_ptr(), bits, self.group, out_features, in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """``W`` as fp32 [out_features, in_features]."""
+        weight = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
+        status = self.dequantize_kernel(*self.weight_args, weight.data_ptr(), threads_for(weight.numel()))
+        check(status, "dequantize_packed")
+        return weight
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {self.in_features}")
+        if x.requires_grad and torch.is_grad_enabled():
+            return qmatmul_ref(x, *self.reference_args, bias=bias)  # differentiable
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        m = rows.shape[0]
+        if m > MAX_DECODE_ROWS:
+            out = torch.nn.functional.linear(rows, self.dequantize(), None if bias is None else bias.float())
+        else:
+            out = torch.empty(m, self.out_features, dtype=torch.float32)
+            status = self.decode_kernel(rows.data_ptr(), m, *self.weight_args, out.data_ptr(),
+                                        threads_for(self.out_features * self.in_features))
+            if status:
+                check(status, "qmatmul")
+            if bias is not None:
+                out = out + bias
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def qmatmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group_size: int | None, out_features: int, in_features: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., in_features] -> [..., out_features] in ``x``'s dtype."""
+    return CpuQMatmul(qweight, scales, zeros, bits, group_size, out_features, in_features)(x, bias)
