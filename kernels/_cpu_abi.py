@@ -46,6 +46,14 @@ class ParamSlot(ctypes.Structure):
     ]
 
 
+# A ParamSlot is eight 64-bit words (six addresses, numel, dtype padded to 8 bytes), so a bucket's slots can
+# be built as one flat list of ints, much faster than filling structure fields one by one.
+SLOT_WORDS = 8
+SLOT_NUMEL = 6  # word index of numel
+assert ctypes.sizeof(ParamSlot) == SLOT_WORDS * 8 and ParamSlot.numel.offset == SLOT_NUMEL * 8
+assert ParamSlot.dtype.offset == (SLOT_NUMEL + 1) * 8
+
+
 class Hyper(ctypes.Structure):
     """csrc/optim_update.c: effllm_hyper (fp32 scalars, rounded from Python floats as torch rounds them)."""
 

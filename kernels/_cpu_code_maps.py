@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,19 @@ def _pointer(tensor: torch.Tensor, pointer_type):
     return ctypes.cast(tensor.data_ptr(), pointer_type)
 
 
+# id(map tensor) -> (weak reference to it, its version counter, prepared map): the optimizer passes the same
+# map tensors every step, and reading 256 values back to find the content-keyed entry costs more than a step
+# of a small parameter. The weak reference and version make a reused id or an edited map miss.
+_BY_IDENTITY: dict[int, tuple[weakref.ref, int, PreparedMap]] = {}
+
+
 def prepare_map(qmap: torch.Tensor) -> PreparedMap:
     """The prepared form of ``qmap`` (a 1-D map of at most 256 entries), built once per distinct map."""
-    return _prepare(tuple(qmap.detach().to("cpu", torch.float32).reshape(-1).tolist()))
+    entry = _BY_IDENTITY.get(id(qmap))
+    if entry is not None and entry[0]() is qmap and entry[1] == qmap._version:
+        return entry[2]
+    prepared = _prepare(tuple(qmap.detach().to("cpu", torch.float32).reshape(-1).tolist()))
+    if len(_BY_IDENTITY) >= _CACHED_MAPS:
+        _BY_IDENTITY.clear()
+    _BY_IDENTITY[id(qmap)] = (weakref.ref(qmap), qmap._version, prepared)
+    return prepared

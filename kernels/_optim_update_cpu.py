@@ -16,7 +16,7 @@ import ctypes
 import torch
 
 from . import cpu_build
-from ._cpu_abi import DTYPE_CODES, Hyper, ParamSlot, check
+from ._cpu_abi import DTYPE_CODES, SLOT_NUMEL, SLOT_WORDS, Hyper, ParamSlot, check
 from ._cpu_code_maps import prepare_map
 from .blockwise import num_blocks
 from .optim_update import ALGORITHMS, STATES, optim_update_ref
@@ -49,74 +49,67 @@ def hyper_struct(hyper) -> Hyper:
     )
 
 
-def _state_fits(state, absmax, numel: int, bits: int, blocksize: int) -> bool:
+def _state_words(state, absmax, numel: int, bits: int, blocksize: int) -> tuple[int, int] | None:
+    """(state address, absmax address) for the kernel (0 for none), or None when it cannot take the state
+    as it is. Sizes are checked here because the kernel writes through these addresses."""
     if state is None:
-        return absmax is None
-    if state.device.type != "cpu" or not state.is_contiguous():
-        return False
+        return (0, 0) if absmax is None else None
+    if not state.is_cpu or not state.is_contiguous():
+        return None
     if bits == 32:
-        return state.dtype == torch.float32 and state.numel() == numel
+        return (state.data_ptr(), 0) if state.dtype is torch.float32 and state.numel() == numel else None
     stored = numel if bits == 8 else packed_numel(numel, bits)
-    return (state.dtype == torch.uint8 and state.numel() == stored and absmax is not None
-            and absmax.dtype == torch.float32 and absmax.is_contiguous()
-            and absmax.numel() >= num_blocks(numel, blocksize))
-
-
-def _kernel_takes(algo: str, slot, bits: int, blocksize: int, qmap1, qmap2) -> bool:
-    """Whether the C kernel can update this slot (else the reference does)."""
-    param, grad = slot.param, slot.grad
-    if bits != 32 and (slot.state1 is not None and qmap1 is None or slot.state2 is not None and qmap2 is None):
-        return False
-    if param.device.type != "cpu" or param.dtype not in DTYPE_CODES or grad.dtype != param.dtype:
-        return False
-    if grad.device.type != "cpu" or grad.numel() != param.numel():
-        return False
-    needs_first, needs_second = STATES[algo]
-    if needs_second and slot.state2 is None or (needs_first and algo != "sgd" and slot.state1 is None):
-        return False
-    numel = param.numel()
-    return (_state_fits(slot.state1, slot.absmax1, numel, bits, blocksize)
-            and _state_fits(slot.state2, slot.absmax2, numel, bits, blocksize))
-
-
-def _address(tensor: torch.Tensor | None) -> int | None:
-    return tensor.data_ptr() if tensor is not None else None
+    if (state.dtype is not torch.uint8 or state.numel() != stored or absmax is None or not absmax.is_cpu
+            or absmax.dtype is not torch.float32 or not absmax.is_contiguous()
+            or absmax.numel() < num_blocks(numel, blocksize)):
+        return None
+    return state.data_ptr(), absmax.data_ptr()
 
 
 def optim_update_many_cpu(algo, slots, qmap1, qmap2, hyper, bits: int, blocksize: int) -> None:
     """Same contract as ``optim_update_many``, for CPU tensors."""
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown optimizer algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
-    native, by_reference = [], []
+    needs_first, needs_second = STATES[algo]
+    needs_first = needs_first and algo != "sgd"  # SGD without momentum keeps no buffer
+    words: list[int] = []  # SLOT_WORDS per slot, laid out as ParamSlot
+    by_reference, write_back, keep_alive = [], [], []
     for slot in slots:
-        (native if _kernel_takes(algo, slot, bits, blocksize, qmap1, qmap2) else by_reference).append(slot)
-
-    if native:
-        structs = (ParamSlot * len(native))()
-        keep_alive, write_back = [], []
-        for struct, slot in zip(structs, native):
-            param = slot.param.detach()
-            if not param.is_contiguous():
-                work = param.contiguous()
-                write_back.append((param, work))
-                param = work
-            grad = slot.grad.detach().contiguous()
+        param, grad = slot.param, slot.grad
+        numel, dtype_code = param.numel(), DTYPE_CODES.get(param.dtype)
+        first = second = None
+        if (dtype_code is not None and grad.dtype is param.dtype and grad.numel() == numel and param.is_cpu
+                and grad.is_cpu and not (needs_first and slot.state1 is None)
+                and not (needs_second and slot.state2 is None)
+                and (bits == 32 or (slot.state1 is None or qmap1 is not None)
+                     and (slot.state2 is None or qmap2 is not None))):
+            first = _state_words(slot.state1, slot.absmax1, numel, bits, blocksize)
+            second = _state_words(slot.state2, slot.absmax2, numel, bits, blocksize)
+        if first is None or second is None:
+            by_reference.append(slot)
+            continue
+        if not param.is_contiguous():
+            work = param.detach().contiguous()
+            write_back.append((param, work))
+            param = work
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
             keep_alive.append(grad)
-            struct.param, struct.grad = param.data_ptr(), grad.data_ptr()
-            struct.state1, struct.state2 = _address(slot.state1), _address(slot.state2)
-            struct.absmax1 = _address(slot.absmax1) if bits != 32 else None
-            struct.absmax2 = _address(slot.absmax2) if bits != 32 else None
-            struct.numel, struct.dtype = param.numel(), DTYPE_CODES[param.dtype]
+        words += (param.data_ptr(), grad.data_ptr(), first[0], second[0], first[1], second[1], numel, dtype_code)
+
+    if words:
+        count = len(words) // SLOT_WORDS
+        array = (ctypes.c_int64 * len(words))(*words)
         map1 = ctypes.byref(prepare_map(qmap1).struct) if bits != 32 and qmap1 is not None else None
         map2 = ctypes.byref(prepare_map(qmap2).struct) if bits != 32 and qmap2 is not None else None
-        total = sum(struct.numel for struct in structs)
+        total = sum(words[SLOT_NUMEL::SLOT_WORDS])
         threads = max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
         status = cpu_build.library().effllm_optim_update(
-            ALGORITHM_CODES[algo], bits, blocksize, threads, structs, len(native), map1, map2,
-            ctypes.byref(hyper_struct(hyper)))
+            ALGORITHM_CODES[algo], bits, blocksize, threads, ctypes.cast(array, ctypes.POINTER(ParamSlot)),
+            count, map1, map2, ctypes.byref(hyper_struct(hyper)))
         check(status, f"optim_update ({algo}, {bits}-bit)")
         for param, work in write_back:
-            param.copy_(work)
+            param.detach().copy_(work)
 
     for s in by_reference:
         optim_update_ref(algo, s.param, s.grad, s.state1, s.state2, s.absmax1, s.absmax2, qmap1, qmap2, hyper,

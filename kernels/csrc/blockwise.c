@@ -1,5 +1,5 @@
 /* Blockwise quantize / dequantize for CPU tensors (spec: quantize_blockwise_ref in kernels/blockwise.py).
- * Blocks are independent, so threads split them statically. */
+ * Blocks are independent, so threads split them. */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -7,6 +7,9 @@
 #include "dtypes.h"
 
 enum { EFFLLM_OK = 0, EFFLLM_OUT_OF_MEMORY = 1 };
+
+/* Blocks a thread takes at a time: dynamic, so a thread the OS holds back does less of the work. */
+#define BLOCKS_PER_CHUNK 16
 
 /* x [numel] of dtype -> codes [numel] uint8, absmax [ceil(numel / blocksize)] fp32. */
 int effllm_quantize_blockwise(const void *x, int32_t dtype, int64_t numel, int64_t blocksize,
@@ -17,7 +20,7 @@ int effllm_quantize_blockwise(const void *x, int32_t dtype, int64_t numel, int64
     {
         float *scratch = dtype == EFFLLM_FLOAT32 ? NULL : malloc((size_t)blocksize * sizeof(float));
         if (dtype != EFFLLM_FLOAT32 && scratch == NULL) failed = 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, BLOCKS_PER_CHUNK)
         for (int64_t b = 0; b < nblocks; b++) {
             if (failed) continue;
             const int64_t start = b * blocksize;
@@ -43,7 +46,7 @@ int effllm_dequantize_blockwise(const uint8_t *codes, const float *absmax, int64
     {
         float *scratch = dtype == EFFLLM_FLOAT32 ? NULL : malloc((size_t)blocksize * sizeof(float));
         if (dtype != EFFLLM_FLOAT32 && scratch == NULL) failed = 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, BLOCKS_PER_CHUNK)
         for (int64_t b = 0; b < nblocks; b++) {
             if (failed) continue;
             const int64_t start = b * blocksize;

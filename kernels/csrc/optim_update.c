@@ -29,6 +29,7 @@ enum { ALGO_ADAM = 0, ALGO_ADAMW = 1, ALGO_LION = 2, ALGO_SGD = 3, ALGO_RMSPROP 
 #define CHUNK_32BIT 1024 /* elements per unit of work with fp32 states: the scratch fits in L1 */
 #define PREFETCH_SPANS_AHEAD 4 /* software prefetch distance, in spans (blocks) */
 #define CACHE_LINE 64
+#define UNITS_PER_CHUNK 16 /* units a thread takes at a time */
 
 /* Must match the ParamSlot structure in kernels/_optim_update_cpu.py. */
 typedef struct {
@@ -268,6 +269,17 @@ static void update_unit(const update_config *c, const effllm_param_slot *s, int6
     }
 }
 
+/* The slot holding global unit `unit`: units_before is non-decreasing, with num_slots + 1 entries. */
+static int64_t slot_of_unit(const int64_t *units_before, int64_t num_slots, int64_t unit) {
+    int64_t low = 0, high = num_slots - 1; /* answer in [low, high] */
+    while (low < high) {
+        const int64_t middle = (low + high + 1) / 2;
+        if (units_before[middle] <= unit) low = middle;
+        else high = middle - 1;
+    }
+    return low;
+}
+
 int effllm_optim_update(int32_t algo, int32_t bits, int64_t blocksize, int32_t num_threads,
                         const effllm_param_slot *slots, int64_t num_slots, const effllm_code_map *map1,
                         const effllm_code_map *map2, const effllm_hyper *hyper) {
@@ -288,20 +300,19 @@ int effllm_optim_update(int32_t algo, int32_t bits, int64_t blocksize, int32_t n
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-        const int64_t unit_begin = total_units * thread / threads, unit_end = total_units * (thread + 1) / threads;
         float *buffer = malloc((size_t)(SCRATCH_FLOAT_BUFFERS * span) * sizeof(float) + (size_t)span);
-        if (buffer == NULL) {
-            failed = 1;
-        } else if (unit_begin < unit_end) {
-            const scratch_buffers scratch = {buffer, buffer + span, buffer + 2 * span, buffer + 3 * span,
-                                             (uint8_t *)(buffer + SCRATCH_FLOAT_BUFFERS * span)};
-            int64_t slot = 0;
-            while (units_before[slot + 1] <= unit_begin) slot++;
-            for (int64_t unit = unit_begin; unit < unit_end; unit++) {
-                while (units_before[slot + 1] <= unit) slot++;
-                update_unit(&config, &slots[slot], unit - units_before[slot], unit_size, &scratch);
-            }
+        failed = buffer == NULL;
+        const scratch_buffers scratch = {buffer, buffer + span, buffer + 2 * span, buffer + 3 * span,
+                                         (uint8_t *)(buffer + SCRATCH_FLOAT_BUFFERS * span)};
+        int64_t slot = 0;
+        /* Dynamic chunks: a thread that the OS holds back (other processes, a busy core) does less of the
+         * work instead of making the others wait for it. */
+#pragma omp for schedule(dynamic, UNITS_PER_CHUNK)
+        for (int64_t unit = 0; unit < total_units; unit++) {
+            if (failed) continue;
+            if (unit < units_before[slot] || unit >= units_before[slot + 1])
+                slot = slot_of_unit(units_before, num_slots, unit);
+            update_unit(&config, &slots[slot], unit - units_before[slot], unit_size, &scratch);
         }
         free(buffer);
     }
