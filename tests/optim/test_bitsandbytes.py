@@ -87,6 +87,16 @@ MIN_CODE_AGREEMENT = 0.8
 SMALL_TENSOR_TOLERANCE = 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors of a few thousand elements gain nothing from two threads, and on a busy 2-core machine the
+    second thread's spinning made this module several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _run(make_optimizer):
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES]
