@@ -7,8 +7,10 @@ Each program computes a tile ``out[BLOCK_M, BLOCK_N]``, walking K in steps of ``
 and dequantizes the matching [BLOCK_K, BLOCK_N] tile of W^T straight from the bit stream. Code ``e = n * K + k``
 starts at stream bit ``e * BITS``; with at most 8 bits it spans at most two bytes, so the kernel loads the byte
 it starts in (and, for widths that do not divide 8, the next one), shifts and masks. The weight is never
-materialised in memory. Products accumulate in fp32; half-precision x is multiplied in its own dtype (tensor
-cores) with the dequantized weight rounded to that dtype, fp32 x in IEEE fp32 (no TF32).
+materialised in memory. Products accumulate in fp32; on GPUs half-precision x is multiplied in its own dtype
+(tensor cores) with the dequantized weight rounded to that dtype, fp32 x in IEEE fp32 (no TF32); under the
+interpreter everything is multiplied in fp32. Calls that need
+gradients go to the (differentiable) reference.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._blockwise_triton import on_device
-from .qmatmul import check_qmatmul_args
+from .qmatmul import check_qmatmul_args, qmatmul_ref
 
 BYTE_BITS = 8
 # tl.dot needs every tile dimension to be at least 16.
@@ -27,6 +29,8 @@ MAX_BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_K = 64
 NUM_WARPS = 4
+# Multiplied in their own dtype on GPUs. Not under the interpreter: its bf16 tl.dot returns garbage (Triton 3.9).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -47,6 +51,7 @@ def _qmatmul_kernel(
     BITS: tl.constexpr,
     CODES_CROSS_BYTES: tl.constexpr,  # 8 % BITS != 0: some codes reach into the next byte
     HAS_BIAS: tl.constexpr,
+    HALF_DOT: tl.constexpr,  # multiply half-precision x in its own dtype (tensor cores) rather than in fp32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -78,10 +83,10 @@ def _qmatmul_kernel(
         zero = tl.load(zeros_ptr + scale_index, mask=w_ok, other=0).to(tl.float32)
         weight = (code.to(tl.float32) - zero) * scale  # [BK, BN]
 
-        if x.dtype == tl.float32:
-            acc += tl.dot(x, weight, input_precision="ieee")
-        else:
+        if HALF_DOT:
             acc += tl.dot(x, weight.to(x.dtype))
+        else:
+            acc += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -98,6 +103,8 @@ def qmatmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    group_size: int | None, out_features: int, in_features: int,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., in_features] -> [..., out_features] in ``x``'s dtype."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return qmatmul_ref(x, qweight, scales, zeros, bits, group_size, out_features, in_features, bias)
     group = check_qmatmul_args(x, qweight, scales, zeros, bits, group_size, out_features, in_features)
     rows = x.detach().reshape(-1, in_features)
     if rows.stride(-1) != 1:
@@ -116,6 +123,7 @@ def qmatmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             rows, stream, scales, zeros, bias_arg, out, m, out_features, in_features, in_features // group, group,
             stream.numel(), rows.stride(0),
             BITS=bits, CODES_CROSS_BYTES=BYTE_BITS % bits != 0, HAS_BIAS=bias is not None,
+            HALF_DOT=x.dtype in HALF_DTYPES and x.is_cuda,
             BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
         )
     return out.view(*x.shape[:-1], out_features)
