@@ -151,9 +151,12 @@ def _method_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code from the hub (off by default).")
+@click.option("--format", "out_format", type=click.Choice(["effllm", "compressed-tensors"]), default="effllm",
+              show_default=True, help="OUT as effllm's packed folder, or compressed-tensors (weight-only; loads in "
+                                      "plain transformers, vLLM serves 4 and 8 bits).")
 @click.pass_context
 def quantize(ctx, model, method, bits, group_size, symmetric, act_bits, calib, nsamples, seqlen, seed, device,
-             options, config_file, gguf_file, out_dir, resume, overwrite, trust_remote_code) -> None:
+             options, config_file, gguf_file, out_dir, resume, overwrite, trust_remote_code, out_format) -> None:
     """Quantize MODEL (hub id, folder or .gguf file) with RTN, GPTQ or CBQ and save a packed model folder."""
     from pathlib import Path
 
@@ -171,7 +174,12 @@ def quantize(ctx, model, method, bits, group_size, symmetric, act_bits, calib, n
             values = {**base, **{k: v for k, v in values.items() if k in explicit or k not in base}}
         config = PTQConfig.from_dict(values)
         make_algorithm(config)  # validates the method options before any loading
-    except (ValueError, TypeError) as error:
+        if out_format == "compressed-tensors":
+            from effllm.quant.export_compressed_tensors import check_exportable, require_compressed_tensors
+
+            require_compressed_tensors()
+            check_exportable(config.spec, config.act_bits)
+    except (ValueError, TypeError, ImportError) as error:
         raise UsageError(str(error)) from None
     out = Path(out_dir)
     if out.exists() and not (overwrite or resume):
@@ -183,13 +191,13 @@ def quantize(ctx, model, method, bits, group_size, symmetric, act_bits, calib, n
         ref = ModelRef.parse(model, gguf_file)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
-    _run_quantize(ref, config, out, resume, overwrite, trust_remote_code)
+    _run_quantize(ref, config, out, resume, overwrite, trust_remote_code, out_format)
 
 
 _CLI_NAMES = {"group_size": "group_size", "method_options": "options"}
 
 
-def _run_quantize(ref, config, out, resume, overwrite, trust_remote_code) -> None:
+def _run_quantize(ref, config, out, resume, overwrite, trust_remote_code, out_format="effllm") -> None:
     import shutil
     import time
 
@@ -217,7 +225,16 @@ def _run_quantize(ref, config, out, resume, overwrite, trust_remote_code) -> Non
     elapsed = time.perf_counter() - started
     qconfig = quantization_config(model, config, reports)
     qconfig["quantize_seconds"] = round(elapsed, 1)
-    save_quantized(model, out, qconfig, tokenizer, overwrite=overwrite or resume)
+    if out_format == "compressed-tensors":
+        from effllm.quant.export_compressed_tensors import ASYMMETRIC_LOAD_HINT, export_compressed_tensors
+
+        # the effllm recipe travels beside the weights, as effllm's own folders carry it in config.json
+        export_compressed_tensors(model, out, tokenizer, {"effllm_quantization.json": qconfig},
+                                  overwrite=overwrite or resume)
+        if not config.symmetric:
+            click.echo(ASYMMETRIC_LOAD_HINT, err=True)
+    else:
+        save_quantized(model, out, qconfig, tokenizer, overwrite=overwrite or resume)
     shutil.rmtree(checkpoint, ignore_errors=True)
     click.echo(f"quantized {len(qconfig['modules'])} linears with {config.method} W{config.bits}"
                f"{'A' + str(config.act_bits) if config.act_bits else 'A16'} "
