@@ -1,0 +1,1 @@
+"""Compression of whole models: ``effllm.compress.bct`` (blockwise compression of transformers, no retraining)."""

@@ -1,0 +1,100 @@
+"""The compressed layers that replace a model's own: linear, embedding and LayerNorm.
+
+Each stores its weight as a ``PackedTensor`` (the weight is never kept in floating point; it is decoded for the
+matmul, which is what a dequantize-on-the-fly kernel does), quantizes its input and output blockwise, and has a
+``shell`` constructor (right shapes, empty buffers) that ``effllm.load`` fills from a saved folder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activation_quant import ActivationQuantizer
+from .config import ActivationSpec, StoredSpec
+from .packed_tensor import PackedTensor
+
+
+def _stored_or_float(tensor: torch.Tensor | None, spec: StoredSpec, shell: bool):
+    """A PackedTensor of ``tensor`` (an empty one for a shell), or the tensor itself as a float parameter
+    when ``spec.bits`` is null."""
+    if tensor is None:
+        return None
+    if spec.bits is None:
+        return nn.Parameter(tensor.detach().clone(), requires_grad=False)
+    if shell:
+        return PackedTensor(tensor.shape, spec, tensor.device)
+    return PackedTensor.from_float(tensor.float(), spec)
+
+
+def _decoded(stored, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    if stored is None:
+        return None
+    return stored.dequantize(dtype) if isinstance(stored, PackedTensor) else stored.to(dtype)
+
+
+class BCTLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, weight_spec: StoredSpec, bias_spec: StoredSpec,
+                 act_spec: ActivationSpec, shell: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_packed = _stored_or_float(linear.weight, weight_spec, shell)
+        self.bias_packed = _stored_or_float(linear.bias, bias_spec, shell)
+        self.input_quant = ActivationQuantizer(act_spec)
+        self.output_quant = ActivationQuantizer(act_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _decoded(self.weight_packed)
+        y = nn.functional.linear(self.input_quant(x).float(), weight, _decoded(self.bias_packed))
+        return self.output_quant(y).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class BCTEmbedding(nn.Module):
+    """Only the looked-up rows are decoded; the output is exactly representable by the stored codes."""
+
+    def __init__(self, embedding: nn.Embedding, spec: StoredSpec, shell: bool = False):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.weight_packed = _stored_or_float(embedding.weight, spec, shell)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded table (models that tie or resize embeddings read ``.weight``)."""
+        return _decoded(self.weight_packed)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight_packed, PackedTensor):
+            return self.weight_packed.gather_rows(ids)
+        return nn.functional.embedding(ids, self.weight_packed, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class BCTLayerNorm(nn.Module):
+    """LayerNorm on a blockwise-quantized input (the residual stream) with a blockwise-quantized output.
+
+    Mean and variance are exact sums over the decoded input (an integer pipeline accumulates them in wide
+    integers); the affine parameters are stored like biases.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, param_spec: StoredSpec, residual_spec: ActivationSpec,
+                 output_spec: ActivationSpec, shell: bool = False):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
+        self.weight_packed = _stored_or_float(norm.weight, param_spec, shell)
+        self.bias_packed = _stored_or_float(norm.bias, param_spec, shell)
+        self.input_quant = ActivationQuantizer(residual_spec)
+        self.output_quant = ActivationQuantizer(output_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.layer_norm(self.input_quant(x).float(), self.normalized_shape,
+                                     _decoded(self.weight_packed), _decoded(self.bias_packed), self.eps)
+        return self.output_quant(y).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
