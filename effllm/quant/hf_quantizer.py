@@ -52,10 +52,22 @@ def replace_with_quant_linears(model: nn.Module, config: EffllmQuantizationConfi
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, shell)
 
 
+# Methods whose folders hold modules other than QuantLinear: method -> (module, function) that builds empty
+# shells of them before the weights load. A fixed table, never read from the folder (no code named by data runs).
+SHELL_BUILDERS = {"bct": ("effllm.compress.bct.compress", "prepare_shells")}
+
+
 class EffllmHfQuantizer(HfQuantizer):
     requires_calibration = True  # effllm folders are always pre-quantized
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        builder = SHELL_BUILDERS.get(self.quantization_config.method)
+        if builder is not None:
+            import importlib
+
+            module_name, function = builder
+            getattr(importlib.import_module(module_name), function)(model, self.quantization_config.to_dict())
+            return model
         replace_with_quant_linears(model, self.quantization_config)
         return model
 
