@@ -1,11 +1,13 @@
 """Export a weight-only effllm model in the compressed-tensors format (llm-compressor's), so plain
 transformers loads it without effllm and vLLM serves it.
 
-The folder is produced by the library itself, in llm-compressor's save lifecycle: each ``QuantLinear`` is
-swapped for a dense ``nn.Linear`` holding its dequantized weight, ``apply_quantization_config`` attaches the
-scheme and its ``weight_scale``/``weight_zero_point``, ``ModelCompressor.compress_model`` re-quantizes and packs
-(format ``pack-quantized``, any width 1..8), ``save_pretrained`` writes the tensors and
-``ModelCompressor.update_config`` the ``quantization_config``.
+The folder is produced by the library itself, in llm-compressor's save lifecycle, one layer at a time: each
+``QuantLinear`` is swapped for a dense ``nn.Linear`` holding its dequantized weight,
+``initialize_module_for_quantization`` attaches the scheme with its ``weight_scale``/``weight_zero_point`` (set
+to effllm's), ``compress_module`` re-quantizes and packs it (format ``pack-quantized``, any width 1..8); then
+``ModelCompressor.from_pretrained_model`` derives the config (targets ``Linear``, the linears left dense as
+``ignore``), ``save_pretrained`` writes the tensors and ``ModelCompressor.update_config`` the
+``quantization_config``.
 
 How effllm's grid maps onto theirs (``b`` bits, offset ``o = 2**(b-1)``):
 effllm stores unsigned codes ``u`` in ``0..2**b-1`` and ``w = (u - z) * s``; compressed-tensors stores signed
@@ -20,7 +22,10 @@ transformers (through compressed-tensors) loads and decompresses, but vLLM refus
 Loading in transformers (5.24 with compressed-tensors 0.20, measured on CPU): symmetric folders load with a plain
 ``from_pretrained(DIR)``, which keeps them packed and decompresses them on the first forward pass. Asymmetric
 folders (packed zero points) need ``quantization_config=CompressedTensorsConfig(dequantize=True)``, which
-decompresses while loading: the default path shapes ``weight_zero_point`` unpacked and refuses the checkpoint.
+decompresses while loading. The default path builds the packed layout by compressing the empty (meta) model, and
+on meta compressed-tensors leaves ``weight_zero_point`` at its unpacked shape [out, groups], so transformers
+refuses the packed checkpoint tensor [ceil(out * b / 32), groups] as a size mismatch. The folder itself is the
+layout llm-compressor writes for asymmetric schemes.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from .serialization import atomic_output_dir
 from .weight_quant import WeightQuantSpec
 
 FORMAT = "pack-quantized"
-VLLM_SERVED_BITS = (4, 8)
 INSTALL_HINT = "pip install 'effllm[export]'"
 ASYMMETRIC_LOAD_HINT = ("asymmetric compressed-tensors folder: load it in transformers with "
                         "quantization_config=CompressedTensorsConfig(dequantize=True)")
@@ -111,30 +115,17 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     its ``QuantLinear`` layers are swapped back after the save.
     """
     require_compressed_tensors()
-    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.compressors import ModelCompressor
 
     if Path(out_dir).exists() and not overwrite:
         raise FileExistsError(f"output folder {out_dir} already exists; choose another --out or remove it")
     layers = quantized_linears(model)
-    spec = model_spec(layers)
-    scheme = weight_scheme(spec)
-    with dense_stand_ins(model, layers) as stand_ins, effllm_config_detached(model):
-        ignore = [name for name, module in model.named_modules()
-                  if isinstance(module, nn.Linear) and name not in stand_ins]
-        apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore),
-                                  show_progress=False)
-        for name, dense in stand_ins.items():
-            # fp32 here so the library's re-quantization round(w / s + zp) lands exactly on effllm's codes
-            dense.weight_scale.data = layers[name].scales.float().reshape(dense.weight_scale.shape)
-            dense.weight_zero_point.data = signed_zero_point(layers[name]).reshape(dense.weight_zero_point.shape)
+    scheme = weight_scheme(model_spec(layers))
+    with layers_restored(model, layers), effllm_config_detached(model):
+        for name, layer in layers.items():
+            _set_submodule(model, name, packed_linear(name, layer, scheme))
+        # reads the schemes now on the modules: the config group, the ignore list (linears left dense), the format
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT)
-        compressor.compress_model(model)
-        compressor.remove_decompression_hook(model)  # the hook decompresses on the next forward: not wanted here
-        packer = BaseCompressor.get_value_from_registry(FORMAT)
-        for name, dense in stand_ins.items():
-            dense.weight_scale.data = dense.weight_scale.data.to(layers[name].scales.dtype)
-            check_identical(name, layers[name], dense, packer)
         with atomic_output_dir(out_dir, overwrite) as staging:
             model.save_pretrained(staging, safe_serialization=True)
             compressor.update_config(str(staging))
@@ -145,11 +136,38 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     return Path(out_dir)
 
 
-def check_identical(name: str, layer: QuantLinear, dense: nn.Linear, packer) -> None:
-    """Decompress the packed layer with compressed-tensors and require effllm's exact weight."""
-    state = {key: value for key, value in dense.named_parameters(recurse=False) if key.startswith("weight_")}
-    state.update({key: value for key, value in dense.named_buffers(recurse=False) if key.startswith("weight_")})
-    restored = packer.decompress(state, dense.quantization_scheme)["weight"]
+def packed_linear(name: str, layer: QuantLinear, scheme) -> nn.Linear:
+    """The compressed-tensors ``nn.Linear`` of ``layer``: ``weight_packed``, ``weight_scale``, ``weight_shape``
+    (and ``weight_zero_point`` when asymmetric), packed by the library from the dequantized weight.
+
+    One layer at a time, so only one layer's full-precision weight exists at once.
+    """
+    from compressed_tensors.compressors import compress_module
+    from compressed_tensors.quantization import initialize_module_for_quantization
+
+    # fp32 weight and scale so the library's re-quantization round(w / s + zp) lands exactly on effllm's codes
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                      device=layer.qweight.device, dtype=torch.float32)
+    dense.weight.data = layer.dequantized_weight(torch.float32)
+    if layer.bias is not None:
+        dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    dense.requires_grad_(False)
+    initialize_module_for_quantization(dense, scheme)  # attaches the scheme, weight_scale, weight_zero_point
+    dense.weight_scale.data = layer.scales.float().reshape(dense.weight_scale.shape)
+    dense.weight_zero_point.data = signed_zero_point(layer).reshape(dense.weight_zero_point.shape)
+    compress_module(dense, FORMAT)
+    dense.weight_scale.data = dense.weight_scale.data.to(layer.scales.dtype)
+    check_identical(name, layer, dense)
+    return dense
+
+
+def check_identical(name: str, layer: QuantLinear, packed: nn.Linear) -> None:
+    """Decompress ``packed`` with compressed-tensors' own decompressor and require effllm's exact weight."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    state = {key: value for key, value in [*packed.named_parameters(recurse=False),
+                                           *packed.named_buffers(recurse=False)] if key.startswith("weight_")}
+    restored = BaseCompressor.get_value_from_registry(FORMAT).decompress(state, packed.quantization_scheme)["weight"]
     expected = layer.dequantized_weight()
     if restored.dtype != expected.dtype or not torch.equal(restored, expected):
         worst = (restored.float() - expected.float()).abs().max().item()
@@ -157,23 +175,13 @@ def check_identical(name: str, layer: QuantLinear, dense: nn.Linear, packer) -> 
 
 
 @contextmanager
-def dense_stand_ins(model: nn.Module, layers: dict[str, QuantLinear]) -> Iterator[dict[str, nn.Linear]]:
-    """Swap each ``QuantLinear`` for an ``nn.Linear`` with its fp32 dequantized weight; swap them back after."""
-    stand_ins = {}
+def layers_restored(model: nn.Module, layers: dict[str, QuantLinear]) -> Iterator[None]:
+    """Whatever replaces the ``QuantLinear`` layers inside the block, they are back in ``model`` after it."""
     try:
-        for name, layer in layers.items():
-            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                              device=layer.qweight.device, dtype=torch.float32)
-            dense.weight.data = layer.dequantized_weight(torch.float32)
-            dense.weight.requires_grad_(False)
-            if layer.bias is not None:
-                dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-            _set_submodule(model, name, dense)
-            stand_ins[name] = dense
-        yield stand_ins
+        yield
     finally:
-        for name in stand_ins:
-            _set_submodule(model, name, layers[name])
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
 
 
 @contextmanager
