@@ -71,6 +71,7 @@ class CBQ:
     def calibrate(self, blocks: list[nn.Module], inputs: torch.Tensor, kwargs: dict,
                   targets: torch.Tensor) -> None:
         config = self.config
+        inputs, targets = inputs.detach(), targets.detach()  # the graph only runs from the quantizers
         generator = torch.Generator().manual_seed(config.seed + len(self.history))
         smoothed, clipped = self._prepare(blocks, inputs, kwargs, generator)
         fakes = fake_quant_linears(blocks)

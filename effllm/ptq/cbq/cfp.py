@@ -2,9 +2,11 @@
 
 Outlier threshold of a set of magnitudes (``outlier_threshold``):
 - coarse stage: candidates are the values beyond ``Q3 + lambda * IQR`` (the quartile criterion);
-- fine stage: among the splits that keep every non-candidate, pick the one minimising
-  ``Var(kept) + Var(outliers) - (mean(outliers) - mean(kept)) ** 2``: compact sets that lie far apart
-  (the paper's intra-set variance against inter-set distance), a 1-D search over the sorted candidates.
+- fine stage: among the splits that keep every non-candidate, pick the one minimising the intra-set variance
+  ``n_kept * Var(kept) + n_outliers * Var(outliers)``, which is the same as maximising the inter-set distance
+  ``n_kept * n_outliers / n * (mean(outliers) - mean(kept)) ** 2`` (their sum, n times the variance of all the
+  values, is fixed): a 1-D search over the sorted candidates with prefix sums. (Unweighted, the distance term
+  would always split off the single largest value.)
 The threshold is the largest kept value.
 
 Weights (``truncate_weight_outliers``): per output channel, on ``|W|``. Truncation is done through the quantizer's
@@ -76,7 +78,9 @@ def outlier_threshold(magnitudes: torch.Tensor, iqr_lambda: float) -> torch.Tens
     kept_mean, out_mean = kept_sum / kept, out_sum / outliers
     kept_var = (kept_square / kept - kept_mean.pow(2)).clamp_min(0)
     out_var = (out_square / outliers - out_mean.pow(2)).clamp_min(0)
-    objective = kept_var + out_var - (out_mean - kept_mean).pow(2)
+    # Size-weighted intra-set variance. The total variance is fixed, so this also maximises the size-weighted
+    # squared distance between the two sets' means: compact sets that lie far apart.
+    objective = kept * kept_var + outliers * out_var
     objective = objective.masked_fill(kept[None, :] < kept_at_least[:, None], float("inf"))
     best_kept = objective.argmin(dim=-1) + 1  # [rows]
     threshold = values.gather(-1, (best_kept - 1)[:, None])[:, 0]

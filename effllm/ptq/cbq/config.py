@@ -22,11 +22,11 @@ class CBQConfig:
     # Optimisation: `epochs` passes over the calibration samples, in shuffled batches of `batch_size` samples.
     epochs: int = 2
     batch_size: int = 1
-    lr_rounding: float = 2e-2  # Adam, LoRA-Rounding factors A and B
+    lr_rounding: float = 5e-2  # Adam, LoRA-Rounding factors A and B
     lr_scale: float = 5e-3  # Adam, log of a multiplicative gain on every step size (a relative learning rate)
     # LoRA-Rounding: V = base + A @ B (rank `lora_rank`) per linear; False = nearest rounding (STE).
     lora_rounding: bool = True
-    lora_rank: int = 4
+    lora_rank: int = 8
     lora_init: str = "nearest"  # "nearest": codes start at round-to-nearest; "zero": V = A @ B, h starts at 0.5
     # Sharpness of the rounding sigmoid's fractional term, ramped geometrically over each window's steps.
     sharpness_start: float = 2.0
