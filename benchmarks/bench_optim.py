@@ -1,0 +1,43 @@
+"""Optimizer step time and state bytes per parameter: torch AdamW (foreach, fused), bitsandbytes AdamW8bit and
+effllm AdamW8bit (and its 4- and 32-bit states), measured side by side in one run.
+
+    python benchmarks/bench_optim.py                     # 1M..100M parameters, a few minutes on a 2-core CPU
+    python benchmarks/bench_optim.py --sizes 1M,16M      # a quick look
+
+Writes benchmarks/results/optim.json (and .csv) and the optimizer section of docs/benchmarks.md.
+Same as ``effllm bench optim --json benchmarks/results/optim.json --markdown docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from effllm.bench import optim
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SIZES = "1M,4M,16M,64M,100M"
+UNITS = {"k": 1_000, "m": 1_000_000}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * UNITS[text[-1]]) if text[-1:] in UNITS else int(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"parameter counts (default {DEFAULT_SIZES})")
+    parser.add_argument("--repeats", type=int, default=5, help="best of N after warm-up (default 5)")
+    parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "optim.json"))
+    parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+    sizes = [parse_size(item) for item in args.sizes.split(",")]
+    rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb)
+    command = "python benchmarks/bench_optim.py" + (f" --sizes {args.sizes}" if args.sizes != DEFAULT_SIZES else "")
+    optim.write(rows, args.json, args.markdown, command=command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``effllm bench``: one shared harness (``harness``) and one module per benchmark."""

@@ -1,0 +1,195 @@
+"""``effllm bench optim``: optimizer step time and state memory, side by side in one process.
+
+For each size, one set of parameters shaped like transformer blocks (four [d, d] attention matrices, the
+[4d, d] and [d, 4d] MLP matrices and two norm vectors per block) and one set of gradients; every optimizer
+starts from copies of the same parameters and steps with the same gradients. Step time is the best of N
+after warm-up (the first steps allocate state); state memory counts every distinct tensor an optimizer
+keeps in ``optimizer.state`` (codes, absmax, quantization maps, moments, step counters).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .harness import best_time, machine, machine_line, markdown_table, update_markdown_section, write_csv, write_json
+
+NAME = "optim"
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+BLOCK_MATRICES = 12  # d*d units per block: 4 attention + 2 * 4 MLP
+MATRIX_ALIGN = 32  # hidden sizes are multiples of this, as in real models
+MAX_BLOCK_WIDTH = 4096  # wider than this, a size becomes several blocks
+WARMUP_STEPS = 2
+BUDGET_S = 5.0  # timing stops after this much time per optimizer and size (bitsandbytes is slow on CPU)
+TARGET_STATE_BYTES = 2.04
+TARGET_RATIO_TO_FUSED = 2.0
+EFFLLM_8BIT = "effllm AdamW8bit"
+FUSED = "torch AdamW (fused)"
+
+
+def param_shapes(size: int) -> list[tuple[int, ...]]:
+    """Shapes of about ``size`` parameters in transformer blocks of width d (a multiple of 32)."""
+    blocks = 1
+    while True:
+        width = max(MATRIX_ALIGN, round(math.sqrt(size / (BLOCK_MATRICES * blocks)) / MATRIX_ALIGN) * MATRIX_ALIGN)
+        if width <= MAX_BLOCK_WIDTH:
+            break
+        blocks += 1
+    block = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width), (width,), (width,)]
+    return block * blocks
+
+
+def candidates(include_bnb: bool = True) -> dict[str, Callable | str]:
+    """Label -> factory(params), or a string saying why the candidate is missing."""
+    from effllm.optim import AdamW8bit
+
+    found: dict[str, Callable | str] = {
+        "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, **HYPER, foreach=True),
+        FUSED: lambda ps: torch.optim.AdamW(ps, **HYPER, fused=True),
+    }
+    if include_bnb:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            found["bitsandbytes AdamW8bit"] = "not installed"
+        else:
+            found["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, **HYPER)
+    found[EFFLLM_8BIT] = lambda ps: AdamW8bit(ps, **HYPER)
+    found["effllm AdamW (4-bit states)"] = lambda ps: AdamW8bit(ps, **HYPER, state_bits=4)
+    found["effllm AdamW (32-bit states)"] = lambda ps: AdamW8bit(ps, **HYPER, state_bits=32)
+    return found
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct tensors in ``optimizer.state`` (a map shared by all parameters counts once)."""
+    seen, total = set(), 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _measure(factory: Callable, initial: list[torch.Tensor], grads: list[torch.Tensor], repeats: int,
+             synchronize) -> dict:
+    params = [torch.nn.Parameter(p.clone()) for p in initial]
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    optimizer = factory(params)
+    seconds, runs = best_time(optimizer.step, repeats, WARMUP_STEPS, BUDGET_S, synchronize)
+    result = {"step_ms": round(seconds * 1e3, 3), "timed_steps": runs,
+              "state_bytes_per_param": round(state_bytes(optimizer) / sum(p.numel() for p in params), 4)}
+    del optimizer, params
+    gc.collect()
+    return result
+
+
+def run(sizes: list[int], repeats: int = 5, include_bnb: bool = True, device: str = "cpu") -> list[dict]:
+    """One row per (size, optimizer): step_ms, timed_steps, state_bytes_per_param, ratio_to_fused."""
+    device = torch.device(device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
+    found = candidates(include_bnb)
+    rows = []
+    for size in sizes:
+        generator = torch.Generator().manual_seed(0)
+        shapes = param_shapes(size)
+        initial = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
+        grads = [(torch.randn(shape, generator=generator) * 1e-2).to(device) for shape in shapes]
+        count = sum(p.numel() for p in initial)
+        size_rows = []
+        for label, factory in found.items():
+            row = {"size": size, "params": count, "optimizer": label}
+            if isinstance(factory, str):
+                row["error"] = factory
+            else:
+                try:
+                    row.update(_measure(factory, initial, grads, repeats, synchronize))
+                except Exception as error:  # noqa: BLE001 - one failing candidate must not lose the others
+                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+            size_rows.append(row)
+            print(f"{count / 1e6:7.1f}M  {label:30s}  " + (f"{row['step_ms']:9.2f} ms  "
+                  f"{row['state_bytes_per_param']:.3f} B/param" if "step_ms" in row else row["error"]), flush=True)
+        fused = next((r["step_ms"] for r in size_rows if r["optimizer"] == FUSED and "step_ms" in r), None)
+        for row in size_rows:
+            if fused and "step_ms" in row:
+                row["ratio_to_fused"] = round(row["step_ms"] / fused, 3)
+        rows += size_rows
+        del initial, grads
+        gc.collect()
+    return rows
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def markdown(rows: list[dict], info: dict, command: str) -> str:
+    """The optimizer section of docs/benchmarks.md."""
+    labels = list(dict.fromkeys(row["optimizer"] for row in rows))
+    sizes = list(dict.fromkeys(row["params"] for row in rows))
+    cell = {(row["params"], row["optimizer"]): row for row in rows}
+
+    def time_cell(count, label):
+        row = cell.get((count, label), {})
+        return f"{row['step_ms']:.1f}" if "step_ms" in row else row.get("error", "")
+
+    def ratio(count):
+        row = cell.get((count, EFFLLM_8BIT), {})
+        return f"**{row['ratio_to_fused']:.2f}×**" if "ratio_to_fused" in row else ""
+
+    times = markdown_table(["parameters", *labels, "effllm 8-bit / fused"],
+                           [[_millions(count), *(time_cell(count, label) for label in labels), ratio(count)]
+                            for count in sizes])
+    largest = sizes[-1]
+    memory = markdown_table(["optimizer", f"state bytes / parameter ({_millions(largest)})"],
+                            [[label, f"{cell[(largest, label)]['state_bytes_per_param']:.3f}"]
+                             for label in labels if "state_bytes_per_param" in cell.get((largest, label), {})])
+    verdicts = []
+    own = [row for row in rows if row["optimizer"] == EFFLLM_8BIT and "step_ms" in row]
+    if own:
+        worst_bytes = max(row["state_bytes_per_param"] for row in own)
+        verdicts.append(f"state ≤ {TARGET_STATE_BYTES} bytes/parameter: "
+                        f"{'met' if worst_bytes <= TARGET_STATE_BYTES else 'NOT met'} ({worst_bytes:.3f} at most)")
+        ratios = {_millions(row["params"]): row["ratio_to_fused"] for row in own if "ratio_to_fused" in row}
+        met = [size for size, value in ratios.items() if value <= TARGET_RATIO_TO_FUSED]
+        missed = [size for size, value in ratios.items() if value > TARGET_RATIO_TO_FUSED]
+        verdicts.append(f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW: met at {', '.join(met) or 'no size'}"
+                        + (f"; not met at {', '.join(missed)}" if missed else ""))
+    date = datetime.date.today().isoformat()
+    return "\n".join([
+        "## Optimizer step",
+        "",
+        f"Written by `benchmarks/bench_optim.py` on {date}: `{command}`.",
+        f"Machine: {machine_line(info)}.",
+        "",
+        "AdamW step time in milliseconds (lr 1e-3, weight decay 0.01), best of "
+        f"{max((row.get('timed_steps', 0) for row in rows), default=0)} after {WARMUP_STEPS} warm-up steps "
+        f"(slow candidates stop after {BUDGET_S:g} s of timing); every optimizer starts from the same parameters, "
+        "shaped like transformer blocks, and steps with the same gradients, in one process run.",
+        "",
+        times,
+        "",
+        memory,
+        "",
+        "Targets: " + "; ".join(verdicts) + "." if verdicts else "",
+    ])
+
+
+def write(rows: list[dict], json_path: str | None, markdown_path: str | None,
+          command: str = "effllm bench optim") -> None:
+    """Print the table; write JSON (and CSV beside it) and the markdown section where paths are given."""
+    info = machine()
+    section = markdown(rows, info, command)
+    print(section)
+    if json_path:
+        write_json(json_path, {"benchmark": NAME, "command": command, "machine": info, "hyper": HYPER,
+                               "warmup_steps": WARMUP_STEPS, "budget_s": BUDGET_S, "rows": rows})
+        write_csv(Path(json_path).with_suffix(".csv"), rows)
+    if markdown_path:
+        update_markdown_section(markdown_path, NAME, section)
