@@ -26,6 +26,7 @@ MATRIX_ALIGN = 32  # hidden sizes are multiples of this, as in real models
 MAX_BLOCK_WIDTH = 4096  # wider than this, a size becomes several blocks
 WARMUP_STEPS = 2
 BUDGET_S = 5.0  # timing stops after this much time per optimizer and size (bitsandbytes is slow on CPU)
+GC_MIN_PARAMS = 10_000_000  # collect garbage between candidates from this size on (a collection costs ~0.1 s)
 TARGET_STATE_BYTES = 2.04
 TARGET_RATIO_TO_FUSED = 2.0
 EFFLLM_8BIT = "effllm AdamW8bit"
@@ -86,7 +87,8 @@ def _measure(factory: Callable, initial: list[torch.Tensor], grads: list[torch.T
     result = {"step_ms": round(seconds * 1e3, 3), "timed_steps": runs,
               "state_bytes_per_param": round(state_bytes(optimizer) / sum(p.numel() for p in params), 4)}
     del optimizer, params
-    gc.collect()
+    if sum(p.numel() for p in initial) >= GC_MIN_PARAMS:
+        gc.collect()  # free this candidate's parameters and state before the next one allocates its own
     return result
 
 
@@ -121,7 +123,6 @@ def run(sizes: list[int], repeats: int = 5, include_bnb: bool = True, device: st
                 row["ratio_to_fused"] = round(row["step_ms"] / fused, 3)
         rows += size_rows
         del initial, grads
-        gc.collect()
     return rows
 
 

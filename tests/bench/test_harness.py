@@ -1,0 +1,75 @@
+"""The shared benchmark harness and the optimizer benchmark, on sizes small enough to run in seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from effllm.bench import harness, optim
+
+
+def test_best_time_takes_the_fastest_run_and_respects_the_budget():
+    durations = iter([0.0, 0.03, 0.01, 0.02])  # warm-up, then three timed runs
+
+    def step():
+        import time
+
+        time.sleep(next(durations))
+
+    best, runs = harness.best_time(step, repeats=3, warmup=1)
+    assert runs == 3 and 0.01 <= best < 0.02
+    best, runs = harness.best_time(lambda: None, repeats=1000, warmup=0, budget_s=0.0)
+    assert runs == 1
+
+
+def test_markdown_sections_are_replaced_in_place_and_others_kept(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    harness.update_markdown_section(doc, "optim", "first optim")
+    harness.update_markdown_section(doc, "other", "other body")
+    harness.update_markdown_section(doc, "optim", "second optim")
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "second optim" in text and "first optim" not in text and "other body" in text
+    assert text.index("second optim") < text.index("other body")  # the section stayed where it was
+    assert text.count("<!-- bench:optim:begin -->") == 1
+
+
+def test_a_section_without_its_end_marker_is_an_error(tmp_path):
+    doc = tmp_path / "broken.md"
+    doc.write_text("<!-- bench:optim:begin -->\nhalf a section\n")
+    with pytest.raises(ValueError, match="no end marker"):
+        harness.update_markdown_section(doc, "optim", "body")
+
+
+def test_machine_names_cpu_cores_and_torch():
+    info = harness.machine()
+    assert info["cpu"] and info["logical_cores"] >= 1 and info["torch_threads"] >= 1 and info["torch"]
+    assert info["torch"] in harness.machine_line(info)
+
+
+def test_param_shapes_are_transformer_blocks_of_about_the_requested_size():
+    for size in (1_000_000, 16_000_000, 100_000_000):
+        shapes = optim.param_shapes(size)
+        count = sum(math.prod(shape) for shape in shapes)
+        assert abs(count - size) / size < 0.05
+        assert all(dim % optim.MATRIX_ALIGN == 0 for shape in shapes for dim in shape)
+
+
+def test_optim_benchmark_runs_and_writes_json_csv_and_its_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(optim, "WARMUP_STEPS", 1)
+    rows = optim.run([200_000], repeats=1, include_bnb=False)
+    labels = {row["optimizer"] for row in rows}
+    assert {"torch AdamW (fused)", "effllm AdamW8bit"} <= labels
+    own = next(row for row in rows if row["optimizer"] == "effllm AdamW8bit")
+    fused = next(row for row in rows if row["optimizer"] == "torch AdamW (fused)")
+    assert own["step_ms"] > 0 and fused["ratio_to_fused"] == 1.0
+    assert 2.0 < own["state_bytes_per_param"] < 2.1  # codes and absmax; the small norm vectors keep fp32
+    assert fused["state_bytes_per_param"] >= 8.0
+    json_path, doc = tmp_path / "optim.json", tmp_path / "benchmarks.md"
+    optim.write(rows, str(json_path), str(doc), command="pytest")
+    payload = json.loads(json_path.read_text())
+    assert payload["rows"] == rows and payload["machine"]["cpu"]
+    assert json_path.with_suffix(".csv").read_text().startswith("size,params,optimizer")
+    assert "| parameters |" in doc.read_text() and "`pytest`" in doc.read_text()
