@@ -87,6 +87,22 @@ def test_cbq_output_error_below_rtn_and_gptq(model, ids, bits):
     assert errors["cbq"] < errors["gptq"] and errors["cbq"] < errors["rtn"], errors
 
 
+def test_w4a4_cbq_beats_rtn_and_activation_cfp_halves_the_error(model, ids):
+    spec = WeightQuantSpec(4, 16)
+    with torch.no_grad():
+        reference = model(ids).logits
+
+    def error(algorithm):
+        copy_ = copy.deepcopy(model)
+        quantize_blocks(copy_, ids, spec, algorithm, act_bits=4, progress=False)
+        with torch.no_grad():
+            return relative_error(copy_(ids).logits, reference)
+
+    rtn, cbq = error(RTN()), error(CBQ(CBQConfig(**FAST)))
+    without_activation_cfp = error(CBQ(CBQConfig(**FAST, cfp_activations=False)))
+    assert cbq < rtn / 2 and cbq < without_activation_cfp / 1.5, (rtn, cbq, without_activation_cfp)
+
+
 def test_every_switch_changes_the_result(model, ids):
     spec = WeightQuantSpec(3, 16)
     ids = ids[:8]

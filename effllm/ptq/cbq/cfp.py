@@ -47,45 +47,36 @@ SMOOTH_PAIRS = (
 )
 
 
-def _quantile(sorted_values: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolated quantile along the last dimension of already sorted values."""
-    position = q * (sorted_values.shape[-1] - 1)
-    low = int(position)
-    high = min(low + 1, sorted_values.shape[-1] - 1)
-    fraction = position - low
-    return sorted_values[..., low] * (1 - fraction) + sorted_values[..., high] * fraction
-
-
 def outlier_threshold(magnitudes: torch.Tensor, iqr_lambda: float) -> torch.Tensor:
     """Per row of ``magnitudes`` [rows, n] (non-negative): values above the returned threshold [rows] are outliers.
 
-    Rows without coarse candidates get their maximum (nothing is an outlier).
+    Rows without coarse candidates get their maximum (nothing is an outlier). Only the candidates are sorted:
+    the kept set's sums come from the row totals minus the candidates'.
     """
-    values, _ = torch.sort(magnitudes.double(), dim=-1)  # [rows, n] ascending
+    values = magnitudes.double()
     n = values.shape[-1]
-    q1, q3 = _quantile(values, Q1), _quantile(values, Q3)
-    coarse = q3 + iqr_lambda * (q3 - q1)  # [rows]
-    kept_at_least = (values <= coarse[:, None]).sum(dim=-1)  # [rows]: candidates start at this index
-    if n < 2:
-        return values[:, -1].to(magnitudes.dtype)
+    quartiles = torch.quantile(values, torch.tensor([Q1, Q3], dtype=values.dtype, device=values.device), dim=-1)
+    coarse = quartiles[1] + iqr_lambda * (quartiles[1] - quartiles[0])  # [rows]
+    candidates = (values > coarse[:, None]).sum(dim=-1)  # [rows]
+    largest = int(candidates.max()) if n > 1 else 0
+    if largest == 0:
+        return values.amax(dim=-1).to(magnitudes.dtype)
+    largest = min(largest, n - 1)  # at least one value is always kept
+    top = values.topk(largest + 1, dim=-1).values  # [rows, largest + 1] descending
 
-    # Split k keeps values[:, :k] and calls values[:, k:] outliers, for k = 1 .. n-1.
-    kept = torch.arange(1, n, device=values.device, dtype=values.dtype)  # [n-1]
-    outliers = n - kept
-    sums, squares = values.cumsum(-1), values.pow(2).cumsum(-1)
-    kept_sum, kept_square = sums[:, :-1], squares[:, :-1]  # [rows, n-1]
-    out_sum, out_square = sums[:, -1:] - kept_sum, squares[:, -1:] - kept_square
-    kept_mean, out_mean = kept_sum / kept, out_sum / outliers
-    kept_var = (kept_square / kept - kept_mean.pow(2)).clamp_min(0)
-    out_var = (out_square / outliers - out_mean.pow(2)).clamp_min(0)
-    # Size-weighted intra-set variance. The total variance is fixed, so this also maximises the size-weighted
-    # squared distance between the two sets' means: compact sets that lie far apart.
-    objective = kept * kept_var + outliers * out_var
-    objective = objective.masked_fill(kept[None, :] < kept_at_least[:, None], float("inf"))
-    best_kept = objective.argmin(dim=-1) + 1  # [rows]
-    threshold = values.gather(-1, (best_kept - 1)[:, None])[:, 0]
-    no_candidates = kept_at_least >= n
-    threshold = torch.where(no_candidates, values[:, -1], threshold)
+    # Split j calls the j largest values outliers (j = 1 .. largest) and keeps the other n - j.
+    outliers = torch.arange(1, largest + 1, device=values.device, dtype=values.dtype)  # [largest]
+    kept = n - outliers
+    out_sum, out_square = top[:, :-1].cumsum(-1), top[:, :-1].pow(2).cumsum(-1)  # [rows, largest]
+    kept_sum = values.sum(-1, keepdim=True) - out_sum
+    kept_square = values.pow(2).sum(-1, keepdim=True) - out_square
+    # Size-weighted intra-set variance (n * Var = sum of squares - sum**2 / n). The total variance is fixed, so
+    # this also maximises the size-weighted squared distance between the sets' means.
+    objective = (kept_square - kept_sum.pow(2) / kept) + (out_square - out_sum.pow(2) / outliers)
+    objective = objective.masked_fill(outliers[None, :] > candidates[:, None], float("inf"))
+    best = objective.argmin(dim=-1)  # [rows]: best + 1 outliers
+    threshold = top.gather(-1, (best + 1)[:, None])[:, 0]  # the largest kept value
+    threshold = torch.where(candidates == 0, top[:, 0], threshold)
     return threshold.to(magnitudes.dtype)
 
 
