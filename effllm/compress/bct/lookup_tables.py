@@ -2,8 +2,8 @@
 
 ``TableActivation`` (GELU and any other pointwise activation): the input is rounded onto a fixed-point grid of
 ``2**bits`` codes spanning ``[-input_range, input_range]`` and the output is ``table[code]``. Beyond the grid the
-function continues along the straight line through its last two table entries (GELU: ``x`` on the right, 0 on
-the left; tanh: +-1), which an integer pipeline does with one multiply-add.
+function continues from its last table entry with the end slope rounded to an integer (GELU: ``x`` on the right,
+0 on the left; tanh: +-1), which an integer pipeline does with one add.
 
 ``TableSoftmax``: ``exp(x - rowmax)`` is read off a table over ``2**bits`` codes of the grid
 ``0, -h, -2h, ...`` spanning ``[-input_range, 0]``; the last code stands for everything below the range and
@@ -37,8 +37,11 @@ class TableActivation(nn.Module):
                                   dtype=torch.float64, device="cpu")
             with torch.no_grad():
                 table = self.function(grid).to(torch.float64)
-            # slopes of the straight continuations beyond each end of the grid
-            left, right = float((table[1] - table[0]) / self.step), float((table[-1] - table[-2]) / self.step)
+            # Beyond the grid an activation either saturates (slope 0: tanh, GELU on the left) or becomes the
+            # identity (slope 1: GELU, ReLU, SiLU on the right); the end slopes of the table are rounded to
+            # that integer, so the continuation never drifts
+            left = float(torch.round((table[1] - table[0]) / self.step))
+            right = float(torch.round((table[-1] - table[-2]) / self.step))
             self._tables[device] = (table.float().to(device), left, right)
         return self._tables[device]
 

@@ -112,8 +112,11 @@ class PackedTensor(nn.Module):
     def encode_(self, tensor: torch.Tensor) -> None:
         spec = self.spec
         if spec.map == "fitted":
-            self.fitted_map.copy_(fit_map(_blocks(tensor, spec.blocksize) / absmax_to_scale(
-                _blocks(tensor, spec.blocksize).abs().amax(dim=1))[:, None], 2**spec.bits))
+            blocks = _blocks(tensor, spec.blocksize)
+            self.fitted_map.copy_(fit_map(blocks / absmax_to_scale(blocks.abs().amax(dim=1))[:, None], 2**spec.bits))
+            if spec.clip_search:  # one more round: the map for the clipped scales, as Lloyd alternates
+                scale = absmax_to_scale(_least_error_scales(blocks, self.fitted_map))
+                self.fitted_map.copy_(fit_map((blocks / scale[:, None]).clamp(-1, 1), 2**spec.bits))
         plain = spec.scale_format == "float32" and not spec.clip_search
         if plain:  # exactly the core's blockwise quantizer
             codes, absmax = quantize_blockwise(tensor, self.qmap, spec.blocksize)
