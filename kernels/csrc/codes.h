@@ -1,7 +1,7 @@
 /* Blockwise codes: the nearest entry of a sorted quantization map, and the way back.
  *
  * Nearest-code search without a search: the top 16 bits of an fp32 value (sign, exponent, 7 mantissa bits)
- * name a "cell" of values. A 65536-entry table, built per map in kernels/_cpu_lookup.py, holds for each cell
+ * name a "cell" of values. A 65536-entry table, built per map in kernels/_cpu_code_maps.py, holds for each cell
  * the code of its lowest value and, in the upper 16 bits, the low 16 bits of the one decision boundary
  * (midpoint) that falls inside the cell, if any. A value is above that boundary exactly when its own low
  * 16 bits are above it (below it, for negative values, whose bit patterns grow as they fall), so one table
@@ -22,7 +22,7 @@
 #define NIBBLE_BITS 4
 #define NIBBLE_MASK 0xFu
 
-/* Must match the CodeMap structure in kernels/_cpu_lookup.py. */
+/* Must match the CodeMap structure in kernels/_cpu_abi.py. */
 typedef struct {
     const float *values;    /* [MAP_CAPACITY] the sorted map, zero-padded */
     const float *midpoints; /* [size - 1] decision boundaries between neighbouring entries */
@@ -50,15 +50,15 @@ static inline uint32_t nearest_code(const effllm_code_map *map, float x) {
 #define AVX2_FLOATS 8         /* fp32 lanes of a 256-bit register */
 #define NORMALIZED_CHUNK 256 /* values normalised per pass of quantize_block (1 KiB of stack) */
 
-/* The codes of 8 normalised values `bits` [8] (fp32 bit patterns, in memory): the table entries are read
- * with scalar loads indexed by the upper 16-bit halves straight from memory, which on AMD Zen cores costs
- * about half of a hardware gather; then one comparison per lane (see the top of this file). */
-static inline __m256i nearest_codes_avx2(const uint32_t *cells, const uint32_t *bits_in_memory) {
-    const uint16_t *top = (const uint16_t *)bits_in_memory + 1; /* little-endian: upper half of each word */
-    const __m256i cell = _mm256_setr_epi32((int)cells[top[0]], (int)cells[top[2]], (int)cells[top[4]],
-                                           (int)cells[top[6]], (int)cells[top[8]], (int)cells[top[10]],
-                                           (int)cells[top[12]], (int)cells[top[14]]);
-    const __m256i bits = _mm256_loadu_si256((const __m256i *)bits_in_memory);
+/* The codes of 8 normalised values, given as the 16 halves of their fp32 bit patterns [16] (little-endian:
+ * low half first). The table entries are read with scalar loads indexed by the upper halves straight from
+ * memory, which on AMD Zen cores costs about half of a hardware gather; then one comparison per lane (see
+ * the top of this file). */
+static inline __m256i nearest_codes_avx2(const uint32_t *cells, const uint16_t *halves) {
+    const __m256i cell = _mm256_setr_epi32((int)cells[halves[1]], (int)cells[halves[3]], (int)cells[halves[5]],
+                                           (int)cells[halves[7]], (int)cells[halves[9]], (int)cells[halves[11]],
+                                           (int)cells[halves[13]], (int)cells[halves[15]]);
+    const __m256i bits = _mm256_loadu_si256((const __m256i *)halves);
     const __m256i low = _mm256_and_si256(bits, _mm256_set1_epi32(CELL_LOW_MASK));
     const __m256i boundary = _mm256_srli_epi32(cell, CELL_SHIFT);
     const __m256i above_positive = _mm256_cmpgt_epi32(low, boundary), above_negative = _mm256_cmpgt_epi32(boundary, low);
@@ -71,15 +71,17 @@ static inline __m256i nearest_codes_avx2(const uint32_t *cells, const uint32_t *
 /* codes[0:n] for x[0:n] / scale, n <= NORMALIZED_CHUNK, one_boundary_per_cell maps only. */
 static inline void quantize_chunk_avx2(const effllm_code_map *map, const float *restrict x, int64_t n, float scale,
                                        uint8_t *restrict codes) {
-    uint32_t normalized[NORMALIZED_CHUNK] __attribute__((aligned(32)));
+    /* The quotients' bit patterns as 16-bit halves: written and read whole by vector instructions (which
+     * may alias anything) and read half by half as uint16_t, the array's own type. */
+    uint16_t halves[2 * NORMALIZED_CHUNK] __attribute__((aligned(32)));
     const __m256 divisor = _mm256_set1_ps(scale);
     const int64_t whole = n / (4 * AVX2_FLOATS) * (4 * AVX2_FLOATS);
     for (int64_t i = 0; i < whole; i += AVX2_FLOATS)
-        _mm256_store_ps((float *)(normalized + i), _mm256_div_ps(_mm256_loadu_ps(x + i), divisor));
+        _mm256_store_ps((float *)(halves + 2 * i), _mm256_div_ps(_mm256_loadu_ps(x + i), divisor));
     const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the per-lane packs */
     for (int64_t i = 0; i < whole; i += 4 * AVX2_FLOATS) {
         __m256i c[4]; /* 32 codes as int32, narrowed to bytes below */
-        for (int k = 0; k < 4; k++) c[k] = nearest_codes_avx2(map->cells, normalized + i + k * AVX2_FLOATS);
+        for (int k = 0; k < 4; k++) c[k] = nearest_codes_avx2(map->cells, halves + 2 * (i + k * AVX2_FLOATS));
         const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
         _mm256_storeu_si256((__m256i *)(codes + i), _mm256_permutevar8x32_epi32(bytes, lane_order));
     }
