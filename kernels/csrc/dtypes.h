@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Must match DTYPE_CODES in kernels/_cpu_lookup.py. */
+/* Must match DTYPE_CODES in kernels/_cpu_abi.py. */
 enum effllm_dtype { EFFLLM_FLOAT32 = 0, EFFLLM_BFLOAT16 = 1, EFFLLM_FLOAT16 = 2 };
 
 #define BF16_SHIFT 16

@@ -3,9 +3,10 @@
  * as torch rounds each elementwise op; compiled with -ffp-contract=off so nothing else is fused).
  *
  * Work is cut into units (a quantization block, two blocks when 4-bit blocks are odd-sized so that no byte
- * is shared between threads, or a chunk of elements at 32 bits) numbered across all parameters; each thread
- * takes one contiguous range of units. Per block: load param and grad as fp32, dequantize the states into
- * scratch that stays in L1, update, store the param, requantize the states with fresh absmaxes. */
+ * is shared between threads, or a chunk of elements at 32 bits) numbered across all parameters; threads take
+ * runs of units as they go. Per block: load param and grad as fp32 (bf16/fp16 into scratch), dequantize the
+ * states into scratch that stays in L1, update in place, store the param, requantize the states with fresh
+ * absmaxes. fp32 parameters and states are updated where they lie. */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -31,7 +32,7 @@ enum { ALGO_ADAM = 0, ALGO_ADAMW = 1, ALGO_LION = 2, ALGO_SGD = 3, ALGO_RMSPROP 
 #define CACHE_LINE 64
 #define UNITS_PER_CHUNK 16 /* units a thread takes at a time */
 
-/* Must match the ParamSlot structure in kernels/_optim_update_cpu.py. */
+/* Must match the ParamSlot structure in kernels/_cpu_abi.py. */
 typedef struct {
     void *param;       /* [numel] of dtype */
     const void *grad;  /* [numel] of dtype */
@@ -44,7 +45,7 @@ typedef struct {
 } effllm_param_slot;
 
 /* Scalars of one step, each already rounded to fp32 the way torch rounds a Python scalar operand.
- * Must match the Hyper structure in kernels/_optim_update_cpu.py. */
+ * Must match the Hyper structure in kernels/_cpu_abi.py. */
 typedef struct {
     float lr;
     float beta1, beta2;
