@@ -21,8 +21,11 @@ from .qmatmul import check_weight_args, qmatmul_ref
 # Above this many rows of x, dequantize-then-BLAS beats the decoding kernel (measured with
 # benchmarks/bench_qmatmul.py --rows on a 2-core AVX2 machine at SmolLM2-135M shapes: equal speed near 24 rows).
 MAX_DECODE_ROWS = 16
-# Below this many weight elements per thread, waking another thread costs more than it saves.
-MIN_WEIGHTS_PER_THREAD = 1 << 16
+# Below this many weight elements per thread, one thread does the work. Waking OpenMP workers is what costs: on
+# the loaded 2-core machine of benchmarks/bench_qmatmul.py each parallel region cost 3-20 ms (a [1536, 576] W4
+# matvec: 0.2 ms on one thread, 19 ms on two), so every SmolLM2-135M layer (at most 0.9 M weights) stays on one
+# thread and only layers of several million weights (7B-class models) are split.
+MIN_WEIGHTS_PER_THREAD = 1 << 22
 
 _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {

@@ -64,13 +64,13 @@ class QuantLinear(nn.Module):
         return self._matmul_plan()(x, self.bias)
 
     def _plan_key(self) -> tuple:
-        """What the cached plan depends on. In-place writes (``load_state_dict``, ``copy_``) bump ``_version``;
-        tensors made under ``torch.inference_mode`` have no version counter, and only their address counts."""
+        """What the cached plan depends on: the backend asked for, which tensors the buffers are (the plan keeps
+        them alive, so their ids stay unique) and where their data is, and their in-place writes
+        (``load_state_dict``, ``copy_`` bump ``_version``; tensors made under ``torch.inference_mode`` have no
+        version counter)."""
         key = [requested_backend()]
         for tensor in (self.qweight, self.scales, self.zeros):
-            key += [tensor.device, tensor.data_ptr(), tensor.dtype]
-            if not tensor.is_inference():
-                key.append(tensor._version)
+            key += (id(tensor), tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version)
         return tuple(key)
 
     def _matmul_plan(self):
