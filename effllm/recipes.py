@@ -71,12 +71,80 @@ class EvalStage:
     batch_size: int = 1
 
 
-STAGES = {"quantize": QuantizeStage, "eval": EvalStage}
+# Optimizers a train stage can name (effllm.integrations.hf.OPTIMIZERS has the classes).
+TRAIN_OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "lion8bit", "frugal")
+TRAIN_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainStage:
+    """Pretrain a small Llama from scratch on byte tokens (every byte is a token: no tokenizer to train).
+
+    ``data``: a text file (its last 5% is the validation text) or a folder with ``train.txt`` and optionally
+    ``valid.txt`` (as ``../shared/corpus``). ``model``: TinyLMConfig fields. ``optimizer`` and
+    ``optimizer_kwargs``: as ``effllm.integrations.hf.create_optimizer`` (the Trainer's decay grouping; for
+    ``frugal``: ``density``, ``inner``, ``update_gap``, ...). The learning rate warms up linearly for ``warmup``
+    steps, then follows ``schedule``. ``out`` receives the model (``save_pretrained``), a byte tokenizer, the
+    stage's config and the validation curve.
+    """
+
+    out: str
+    data: str = "../shared/corpus"
+    model: dict = field(default_factory=dict)
+    optimizer: str = "adamw8bit"
+    optimizer_kwargs: dict = field(default_factory=dict)
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    eval_interval: int = 50
+    eval_batches: int = 16
+    seed: int = 0
+    max_train_bytes: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> TrainStage:
+        from effllm.train import TinyLMConfig
+
+        if "out" not in data:
+            raise ValueError(f"{where}: a train stage needs 'out' (the output folder)")
+        stage = _typed(cls, data, where)
+        model_keys = {f.name for f in fields(TinyLMConfig)}
+        unknown = sorted(set(stage.model) - model_keys)
+        if unknown:
+            raise ValueError(f"{where}: unknown model keys {unknown}; known keys: {', '.join(sorted(model_keys))}")
+        if stage.optimizer not in TRAIN_OPTIMIZERS:
+            raise ValueError(f"{where}: unknown optimizer {stage.optimizer!r}; "
+                             f"use one of {', '.join(TRAIN_OPTIMIZERS)}")
+        if stage.schedule not in TRAIN_SCHEDULES:
+            raise ValueError(f"{where}: unknown schedule {stage.schedule!r}; use one of {', '.join(TRAIN_SCHEDULES)}")
+        from effllm.integrations.hf import FACTORY_OPTIONS, optimizer_options, resolve_optimizer
+
+        # lr and weight_decay are stage keys; the rest must be the optimizer's own (or the factory's) options
+        accepted = optimizer_options(resolve_optimizer(stage.optimizer)) | set(FACTORY_OPTIONS)
+        accepted -= {"lr", "weight_decay"}
+        unknown = sorted(set(stage.optimizer_kwargs) - accepted)
+        if unknown:
+            raise ValueError(f"{where}: optimizer_kwargs {unknown} not accepted by {stage.optimizer}; "
+                             f"accepted: {', '.join(sorted(accepted))} (lr and weight_decay are stage keys)")
+        for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches"):
+            if not isinstance(getattr(stage, name), int) or getattr(stage, name) < 1:
+                raise ValueError(f"{where}: {name} must be a positive integer, got {getattr(stage, name)!r}")
+        if stage.warmup < 0 or stage.lr <= 0:
+            raise ValueError(f"{where}: lr must be > 0 and warmup >= 0")
+        return stage
+
+
+STAGES = {"quantize": QuantizeStage, "eval": EvalStage, "train": TrainStage}
 
 
 @dataclass
 class Recipe:
-    model: str
+    model: str | None  # None: the first stage trains one
     stages: list = field(default_factory=list)  # (kind, typed stage)
 
     @classmethod
@@ -85,8 +153,11 @@ class Recipe:
         unknown = sorted(set(data) - {"model", "stages", "name", "description"})
         if unknown:
             raise ValueError(f"{path}: unknown top-level keys {unknown}; use model, stages, name, description")
-        if "model" not in data or not data.get("stages"):
-            raise ValueError(f"{path}: a recipe needs 'model' and a non-empty list of 'stages'")
+        starts_with_training = bool(data.get("stages")) and isinstance(data["stages"][0], dict) and (
+            "train" in data["stages"][0])
+        if ("model" not in data and not starts_with_training) or not data.get("stages"):
+            raise ValueError(f"{path}: a recipe needs 'model' (unless its first stage is 'train') and a non-empty "
+                             "list of 'stages'")
         stages = []
         for index, entry in enumerate(data["stages"]):
             where = f"{path} stage {index + 1}"
@@ -100,7 +171,7 @@ class Recipe:
             stage = stage_cls.from_dict(options, where) if hasattr(stage_cls, "from_dict") else _typed(
                 stage_cls, options, where)
             stages.append((kind, stage))
-        return cls(str(data["model"]), stages)
+        return cls(str(data["model"]) if "model" in data else None, stages)
 
 
 def run_recipe(recipe: Recipe, results_path: str | Path | None = None, overwrite: bool = False) -> list[dict]:
@@ -117,6 +188,10 @@ def run_recipe(recipe: Recipe, results_path: str | Path | None = None, overwrite
             model = str(last_out)
         elif kind == "eval":
             rows.append(_run_eval(ModelRef.parse(model), stage))
+        elif kind == "train":
+            rows.append(_run_train(stage, overwrite))
+            last_out = Path(stage.out)
+            model = str(last_out)
     target = Path(results_path) if results_path else (last_out or Path(".")) / "results.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
@@ -176,6 +251,112 @@ def _run_eval(ref, stage: EvalStage) -> dict:
     ids = torch.tensor(load_tokenizer(ref)(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     result = perplexity(model, ids, stage.seqlen, stage.batch_size)
     return dict(asdict(stage), stage="eval", model=ref.name, **result.to_dict())
+
+
+def _split_text(data: str, max_train_bytes: int | None):
+    """(train bytes, validation bytes) from a text file (the last 5% validates) or a corpus folder."""
+    from effllm.train import load_bytes
+
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "train.txt").is_file():
+            raise FileNotFoundError(f"{path} has no train.txt")
+        train = load_bytes(path / "train.txt", max_train_bytes)
+        if (path / "valid.txt").is_file():
+            return train, load_bytes(path / "valid.txt")
+        path = path / "train.txt"
+    elif not path.is_file():
+        raise FileNotFoundError(f"training text {path} not found")
+    tokens = load_bytes(path)
+    split = int(tokens.numel() * 0.95)
+    train = tokens[:split] if max_train_bytes is None else tokens[:min(split, max_train_bytes)]
+    return train, tokens[split:]
+
+
+def _byte_tokenizer():
+    """A tokenizer whose ids are the UTF-8 bytes of the text (the vocabulary a train stage uses), so the saved
+    model works with ``effllm eval`` and later stages."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
+    raw = Tokenizer(models.WordLevel(byte_of_char, unk_token=bytes_to_unicode()[0]))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                                                 pre_tokenizers.Split("", "isolated")])
+    raw.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=raw)
+
+
+def _run_train(stage: TrainStage, overwrite: bool) -> dict:
+    """Train, evaluating every ``eval_interval`` steps; save the model; report validation perplexity (per byte),
+    optimizer-state bytes and step time."""
+    import itertools
+    import math
+    import shutil
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from effllm.integrations.hf import create_optimizer, optimizer_state_bytes
+    from effllm.train import TinyLMConfig, build_tiny_llama, random_batches, sequential_batches, train_lm
+
+    out = Path(stage.out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output folder {out} already exists; pass --overwrite or change 'out'")
+    train_tokens, valid_tokens = _split_text(stage.data, stage.max_train_bytes)
+    valid = sequential_batches(valid_tokens, stage.batch_size, stage.seq_len, stage.eval_batches)
+    config = TinyLMConfig(**{"max_seq_len": max(stage.seq_len, TinyLMConfig.max_seq_len), **stage.model})
+    if config.max_seq_len < stage.seq_len:
+        raise ValueError(f"model.max_seq_len {config.max_seq_len} is shorter than seq_len {stage.seq_len}")
+    model = build_tiny_llama(config, seed=stage.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    optimizer = create_optimizer(model, stage.optimizer, lr=stage.lr, weight_decay=stage.weight_decay,
+                                 **stage.optimizer_kwargs)
+    warmup = max(1, stage.warmup)
+
+    def factor(step: int) -> float:
+        if step < stage.warmup:
+            return (step + 1) / warmup
+        if stage.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - stage.warmup) / max(1, stage.steps - stage.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine to 10% of the peak
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    batches = random_batches(train_tokens, stage.batch_size, stage.seq_len, stage.steps, seed=stage.seed)
+    curve, losses, seconds, done = [], [], 0.0, 0
+    with tqdm(total=stage.steps, desc="train", unit="step") as progress:
+        while done < stage.steps:
+            chunk = min(stage.eval_interval, stage.steps - done)
+            # train_lm takes the optimizer and scheduler from these factories: the same ones, chunk after chunk
+            result = train_lm(model, lambda params: optimizer, itertools.islice(batches, chunk), valid_batches=valid,
+                              max_grad_norm=stage.max_grad_norm, make_scheduler=lambda opt: scheduler)
+            done += chunk
+            losses += result.losses
+            seconds += result.seconds
+            curve.append({"step": done, "valid_loss": result.valid_loss,
+                          "valid_perplexity": math.exp(result.valid_loss)})
+            progress.update(chunk)
+            progress.set_postfix(valid_ppl=f"{curve[-1]['valid_perplexity']:.3f}")
+    state_bytes = optimizer_state_bytes(optimizer)
+    row = dict(stage="train", model=f"llama-{parameters / 1e6:.2f}M", out=str(out), optimizer=stage.optimizer,
+               parameters=parameters, steps=stage.steps, train_loss=sum(losses[-20:]) / len(losses[-20:]),
+               valid_loss=curve[-1]["valid_loss"], valid_perplexity=curve[-1]["valid_perplexity"],
+               optimizer_state_bytes=state_bytes, state_bytes_per_param=state_bytes / parameters,
+               step_ms=1e3 * seconds / stage.steps, seconds=round(seconds, 1))
+
+    staging = out.with_name(out.name + ".tmp")  # written whole, then renamed: never a half-written folder
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    _byte_tokenizer().save_pretrained(staging)
+    (staging / "train_config.json").write_text(json.dumps(asdict(stage), indent=2) + "\n")
+    (staging / "train_log.json").write_text(json.dumps({"result": row, "valid_curve": curve, "train_losses": losses},
+                                                       indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.replace(out)
+    return row
 
 
 def format_results(rows: list[dict]) -> str:

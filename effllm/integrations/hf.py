@@ -61,6 +61,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop8bit": RMSprop8bit,
     "frugal": Frugal,
 }
+# Options of optimizer_cls_and_kwargs / create_optimizer themselves (the rest go to the optimizer).
+FACTORY_OPTIONS = ("embeddings_32bit", "state_full_patterns", "projected_patterns")
 # Below this many elements a quantized state saves next to nothing (BlockwiseOptimizer's default min_8bit_size).
 TINY_PARAMETER_ELEMENTS = 4096
 
@@ -83,6 +85,19 @@ def resolve_optimizer(optimizer: str | type[torch.optim.Optimizer]) -> type[torc
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer
     raise TypeError(f"optimizer must be a name or a torch.optim.Optimizer subclass, got {optimizer!r}")
+
+
+def optimizer_options(cls: type[torch.optim.Optimizer]) -> set[str]:
+    """Keyword options of ``cls``'s constructor, following ``**options`` up to the base classes that take them."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names - {"self", "params"}
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
@@ -149,7 +164,7 @@ def optimizer_cls_and_kwargs(
     The Trainer pops ``params`` out of the dict: build one pair per Trainer.
     """
     cls = resolve_optimizer(optimizer)
-    accepted = inspect.signature(cls).parameters
+    accepted = optimizer_options(cls)
     if args is not None:
         lr = args.learning_rate if lr is None else lr
         weight_decay = args.weight_decay if weight_decay is None else weight_decay
@@ -365,6 +380,7 @@ def attach_callbacks(trainer, callbacks: Sequence[TrainerCallback] | None = None
 
 
 __all__ = [
+    "FACTORY_OPTIONS",
     "OPTIMIZERS",
     "NonFiniteGradientCallback",
     "OptimizerStateCallback",
@@ -377,6 +393,7 @@ __all__ = [
     "grouped_parameters",
     "keep_embeddings_32bit",
     "optimizer_cls_and_kwargs",
+    "optimizer_options",
     "optimizer_state_bytes",
     "quantized_state_findings",
     "resolve_optimizer",

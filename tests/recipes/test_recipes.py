@@ -23,8 +23,8 @@ def test_recipe_errors(tmp_path):
     bad.write_text("model: x\nstages:\n  - quantize: {bits: 4, out: o, groupsize: 64}\n")
     with pytest.raises(ValueError, match="unknown PTQ config keys"):
         Recipe.load(bad)
-    bad.write_text("model: x\nstages:\n  - train: {}\n")
-    with pytest.raises(ValueError, match="unknown stage 'train'"):
+    bad.write_text("model: x\nstages:\n  - finetune: {}\n")
+    with pytest.raises(ValueError, match="unknown stage 'finetune'"):
         Recipe.load(bad)
     bad.write_text("model: x\nstages:\n  - eval: {seqlen: 64, split: test}\n")
     with pytest.raises(ValueError, match="unknown keys \\['split'\\]"):
