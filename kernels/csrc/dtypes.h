@@ -5,6 +5,10 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#define F16C_LANES 8 /* fp16 <-> fp32 conversions per instruction */
+#endif
 
 /* Must match DTYPE_CODES in kernels/_cpu_abi.py. */
 enum effllm_dtype { EFFLLM_FLOAT32 = 0, EFFLLM_BFLOAT16 = 1, EFFLLM_FLOAT16 = 2 };
@@ -42,7 +46,12 @@ static inline void load_as_float(float *restrict dst, const void *restrict src, 
         for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(s[i]);
     } else if (dtype == EFFLLM_FLOAT16) {
         const _Float16 *s = (const _Float16 *)src;
-        for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
+        int64_t i = 0;
+#ifdef __F16C__
+        for (; i + F16C_LANES <= n; i += F16C_LANES)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+#endif
+        for (; i < n; i++) dst[i] = (float)s[i];
     } else {
         memcpy(dst, src, (size_t)n * sizeof(float));
     }
@@ -55,7 +64,12 @@ static inline void store_from_float(void *restrict dst, const float *restrict sr
         for (int64_t i = 0; i < n; i++) d[i] = float_to_bf16(src[i]);
     } else if (dtype == EFFLLM_FLOAT16) {
         _Float16 *d = (_Float16 *)dst;
-        for (int64_t i = 0; i < n; i++) d[i] = (_Float16)src[i];
+        int64_t i = 0;
+#ifdef __F16C__
+        for (; i + F16C_LANES <= n; i += F16C_LANES)
+            _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; i < n; i++) d[i] = (_Float16)src[i];
     } else {
         memcpy(dst, src, (size_t)n * sizeof(float));
     }

@@ -214,7 +214,8 @@ static void close_state(const update_config *c, void *state, float *absmax, cons
 }
 
 /* Asks for the memory of elements first .. first+n-1 ahead of use: the hardware prefetchers restart at
- * every 4 KiB page, and with five streams that is often (measured: about 15% faster at 16M parameters). */
+ * every 4 KiB page, and with five streams that is often (measured on a busy 2-core EPYC, one thread, 16M
+ * parameters: 4.0-5.1 ns per parameter with it, 5.3-5.8 without). */
 static void prefetch_span(const update_config *c, const effllm_param_slot *s, int64_t first, int64_t n) {
     if (first + n > s->numel) return;
     const int64_t elem = dtype_size(s->dtype);
