@@ -7,7 +7,8 @@ stages:
   - eval: {task: perplexity, dataset: ../shared/corpus/test.txt, seqlen: 512, max_chars: 150000}
 ```
 
-Unknown keys are errors. A ``quantize`` stage's output becomes the model of the stages after it. Relative
+Unknown keys are errors. A ``quantize`` stage's output becomes the model of the stages after it; so does a
+``train`` stage's (it trains a small Llama from scratch, so a recipe that starts with one needs no ``model``). Relative
 paths are taken from the directory ``effllm run`` is started in. ``effllm run`` prints a results table and
 writes ``results.json`` beside the last output (or in ``--results``).
 """
