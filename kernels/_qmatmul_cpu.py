@@ -18,9 +18,10 @@ from . import cpu_build
 from ._cpu_abi import check
 from .qmatmul import check_weight_args, qmatmul_ref
 
-# Above this many rows of x, dequantize-then-BLAS beats the decoding kernel (measured with
-# benchmarks/bench_qmatmul.py --rows on a 2-core AVX2 machine at SmolLM2-135M shapes: equal speed near 24 rows).
-MAX_DECODE_ROWS = 16
+# Above this many rows of x, dequantize-then-BLAS beats the decoding kernel. Measured by bench_qmatmul.py (rows
+# section) on one thread of a 2-core AVX2 EPYC, [1536, 576] W4 g64 weight: decode kernel vs dequantize + BLAS
+# 2.1 vs 4.0 ms at 16 rows, 3.4 vs 4.0 at 32, 5.4 vs 5.4 at 48, 7.5 vs 6.5 at 64.
+MAX_DECODE_ROWS = 32
 # Below this many weight elements per thread, one thread does the work. Waking OpenMP workers is what costs: on
 # the loaded 2-core machine of benchmarks/bench_qmatmul.py each parallel region cost 3-20 ms (a [1536, 576] W4
 # matvec: 0.2 ms on one thread, 19 ms on two), so every SmolLM2-135M layer (at most 0.9 M weights) stays on one
