@@ -6,11 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import effllm.ptq.quantize as ptq_quantize
 from effllm.ptq.block_inputs import capture_block_inputs, run_block
 from effllm.ptq.cbq import CBQ, CBQConfig
 from effllm.ptq.cbq.cfp import outlier_threshold, smooth_activation_outliers, truncate_weight_outliers
 from effllm.ptq.cbq.lora_rounding import LoRARounding, attach_lora_rounding
+from effllm.ptq.config import PTQConfig
 from effllm.ptq.gptq import GPTQ
+from effllm.ptq.quantize import quantize
 from effllm.ptq.rtn import RTN
 from effllm.ptq.runner import quantize_blocks
 from effllm.quant.fake_quant_linear import FakeQuantLinear, quantization_disabled, wrap_linears
@@ -251,3 +254,31 @@ def test_activation_smoothing_keeps_the_function_and_shrinks_outliers(model, ids
     with quantization_disabled([block]):
         torch.testing.assert_close(run_block(block, inputs, kwargs), targets, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outputs, targets, rtol=0, atol=0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_mid_overlap_gives_the_same_model(tmp_path, monkeypatch, ids):
+    """Interrupted after its first window, CBQ resumes with the overlap block's CFP and rounding restored."""
+    config = PTQConfig(method="cbq", bits=3, group_size=16, calib="unused-ids-given", nsamples=8, seqlen=32,
+                       method_options=BRIEF)
+    ids = ids[:8]
+    reference = outlier_llama()
+    quantize(reference, config, ids, progress=False)
+
+    real_save = ptq_quantize._save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(ptq_quantize, "_save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        quantize(outlier_llama(), config, ids, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    monkeypatch.undo()
+    resumed = outlier_llama()  # a fresh process reloads the original model
+    quantize(resumed, config, ids[:0], checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(ids).logits, reference(ids).logits, rtol=0, atol=0)

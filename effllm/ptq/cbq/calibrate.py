@@ -3,22 +3,24 @@
 For each window of ``config.window`` blocks the runner hands over (consecutive windows overlap by
 ``config.overlap`` blocks), ``calibrate``:
 
-1. pre-processes the blocks it has not seen before (CFP: activation outliers scaled into the norms' and
-   linears' weights, weight outliers truncated through the quantizers' ranges) and gives their linears a
-   LoRA-Rounding module; blocks of the overlap keep what the previous window learned and go on learning it;
-2. learns, jointly for every linear of the window, the rounding factors and the step sizes, so the window's
-   output on the quantized model's input approaches the full-precision window's output on the full-precision
-   input (the runner's targets): loss = relative MSE + ``kl_weight`` * KL + rounding regulariser;
+1. pre-processes the blocks not pre-processed in an earlier window (CFP: activation outliers scaled into the
+   norms' and linears' weights, then weight outliers truncated through the quantizers' ranges); blocks of the
+   overlap keep what the previous window learned and go on learning it;
+2. learns, jointly for every linear of the window, the LoRA-Rounding factors and the step sizes, so the
+   window's output on the quantized model's input approaches the full-precision window's output on the
+   full-precision input (the runner's targets): loss = relative MSE + ``kl_weight`` * KL + rounding regulariser;
 3. ends with hard rounding (``h >= 0.5``), so what the runner freezes is what was evaluated.
 
-``torch.manual_seed`` is not touched: randomness (sample order, LoRA factors) comes from a generator seeded with
-``config.seed`` and the window's number, so two runs with the same config and data give the same model.
+Checkpoints and determinism: ``prepare(block)`` (called by the runner when a block is wrapped) attaches the
+rounding modules, so their parameters and the "pre-processed" flags are part of the block's state dict and a
+resumed run restores a half-done window exactly. ``torch.manual_seed`` is not used: the LoRA factors and the
+sample order come from generators seeded with ``config.seed`` and the block's index (``layer_idx`` of its
+attention module, as transformers numbers layers), so an interrupted and resumed run gives the same model.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +31,14 @@ from effllm.quant.fake_quant_linear import FakeQuantLinear, quantization_disable
 from ..block_inputs import run_block
 from .cfp import smooth_activation_outliers, truncate_weight_outliers
 from .config import CBQConfig
-from .lora_rounding import LoRARounding, attach_lora_rounding
+from .lora_rounding import LoRARounding, NearestRounding, attach_lora_rounding, attach_nearest_rounding
 from .loss import distribution_loss, reconstruction_loss, rounding_regularizer
 from .schedules import BetaSchedule, SharpnessSchedule
 from .step_size import attach_step_size_gain, bake_step_size_gain
 
 STATS_BATCH = 8  # samples per forward pass when collecting activation statistics
+SEED_STRIDE = 1_000_003  # a prime: (seed, block, stream) -> distinct generator seeds
+SAMPLE_ORDER_STREAM = 999  # the stream of a window's sample order (linears use their ordinal)
 
 
 @dataclass
@@ -46,7 +50,7 @@ class WindowStats:
     first_epoch_loss: float  # mean training loss (all terms) over the first epoch
     last_epoch_loss: float
     smoothed_channels: int  # activation channels scaled by CFP in this window's new blocks
-    clipped_weights: float  # fraction of this window's new weights beyond their truncation threshold
+    clipped_weights: float  # fraction of this window's new weights clipped by CFP
     undecided_rounding: float  # fraction of soft offsets h not yet 0 or 1 when hard rounding was applied
 
 
@@ -54,11 +58,15 @@ def fake_quant_linears(blocks: list[nn.Module]) -> list[FakeQuantLinear]:
     return [m for block in blocks for m in block.modules() if isinstance(m, FakeQuantLinear)]
 
 
+def _generator(seed: int, block_index: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * SEED_STRIDE + block_index) * SEED_STRIDE + stream)
+
+
 class CBQ:
     def __init__(self, config: CBQConfig | None = None):
         self.config = config or CBQConfig()
         self.history: list[WindowStats] = []
-        self._prepared: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._unnumbered: dict[int, int] = {}  # block id -> index, for blocks without a layer_idx
 
     @property
     def window(self) -> int:
@@ -68,12 +76,31 @@ class CBQ:
     def overlap(self) -> int:
         return self.config.overlap
 
+    def block_index(self, block: nn.Module) -> int:
+        for module in block.modules():
+            index = getattr(module, "layer_idx", None)
+            if isinstance(index, int):
+                return index
+        return self._unnumbered.setdefault(id(block), len(self._unnumbered))
+
+    def prepare(self, block: nn.Module) -> None:
+        """Attach a rounding module to every ``FakeQuantLinear`` of a freshly wrapped block."""
+        index = self.block_index(block)
+        for ordinal, fake in enumerate(fake_quant_linears([block])):
+            if self.config.lora_rounding:
+                attach_lora_rounding(fake, self.config.lora_rank, self.config.lora_init,
+                                     _generator(self.config.seed, index, ordinal))
+            else:
+                attach_nearest_rounding(fake)
+
     def calibrate(self, blocks: list[nn.Module], inputs: torch.Tensor, kwargs: dict,
                   targets: torch.Tensor) -> None:
         config = self.config
         inputs, targets = inputs.detach(), targets.detach()  # the graph only runs from the quantizers
-        generator = torch.Generator().manual_seed(config.seed + len(self.history))
-        smoothed, clipped = self._prepare(blocks, inputs, kwargs, generator)
+        for block in blocks:
+            if not all(isinstance(f.rounding, LoRARounding | NearestRounding) for f in fake_quant_linears([block])):
+                self.prepare(block)  # called outside the runner
+        smoothed, clipped = self._preprocess(blocks, inputs, kwargs)
         fakes = fake_quant_linears(blocks)
         roundings = [fake.rounding for fake in fakes if isinstance(fake.rounding, LoRARounding)]
 
@@ -84,19 +111,18 @@ class CBQ:
         try:
             for rounding in roundings:
                 rounding.hard = False
-                rounding.a.requires_grad_(True)
-                rounding.b.requires_grad_(True)
+            factors = [p for r in roundings for p in (r.a, r.b)]
+            for parameter in factors:
+                parameter.requires_grad_(True)
             groups = [{"params": gains, "lr": config.lr_scale}]
-            if roundings:
-                groups.append({"params": [p for r in roundings for p in (r.a, r.b)], "lr": config.lr_rounding})
+            if factors:
+                groups.append({"params": factors, "lr": config.lr_rounding})
             optimizer = torch.optim.Adam(groups)
-            first, last, steps = self._train(blocks, inputs, kwargs, targets, roundings, optimizer, generator)
+            order = _generator(config.seed, self.block_index(blocks[0]), SAMPLE_ORDER_STREAM)
+            first, last, steps = self._train(blocks, inputs, kwargs, targets, roundings, optimizer, order)
         finally:
             for fake in fakes:
                 bake_step_size_gain(fake)
-            for rounding in roundings:
-                rounding.a.requires_grad_(False)
-                rounding.b.requires_grad_(False)
             for parameter, flag in trainable_before.items():
                 parameter.requires_grad_(flag)
 
@@ -109,10 +135,10 @@ class CBQ:
             rounding.harden()
         self.history.append(WindowStats(len(blocks), steps, first, last, smoothed, clipped, undecided))
 
-    def _prepare(self, blocks, inputs, kwargs, generator) -> tuple[int, float]:
-        """CFP and LoRA-Rounding set-up for the blocks of this window not seen in an earlier window."""
+    def _preprocess(self, blocks, inputs, kwargs) -> tuple[int, float]:
+        """CFP for the blocks of this window not pre-processed in an earlier one; returns its statistics."""
         config = self.config
-        fresh = [block not in self._prepared for block in blocks]
+        fresh = [not bool(fake_quant_linears([block])[0].rounding.preprocessed) for block in blocks]
         last_fresh = max((i for i, new in enumerate(fresh) if new), default=-1)
         smoothed, clipped_count, weight_count = 0, 0.0, 0
         hidden = inputs
@@ -135,9 +161,7 @@ class CBQ:
                                                                 scaled_columns.get(fake), config.cfp_weight_guard)
                             clipped_count += fraction * fake.weight.numel()
                         weight_count += fake.weight.numel()
-                        if config.lora_rounding:
-                            attach_lora_rounding(fake, config.lora_rank, config.lora_init, generator)
-                    self._prepared.add(block)
+                        fake.rounding.preprocessed.fill_(True)
                 if needs_next_input:
                     hidden = hidden_next
         return smoothed, clipped_count / max(weight_count, 1)
@@ -157,7 +181,7 @@ class CBQ:
             for start in range(0, samples, config.batch_size):
                 index = order[start : start + config.batch_size]
                 for rounding in roundings:
-                    rounding.sharpness = sharpening.sharpness(step)
+                    rounding.set_sharpness(sharpening.sharpness(step))
                 output = inputs[index]
                 for block in blocks:
                     output = run_block(block, output, kwargs, batch_size=len(index))

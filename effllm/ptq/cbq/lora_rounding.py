@@ -20,12 +20,18 @@ expects integer-ish codes. LoRA-Rounding returns ``floor(x) + h(V)``, ``h`` the 
 ``lora_init="zero"`` drops the fractional term (``V = A @ B``: every ``h`` starts at 0.5, the paper's literal
 LoRA initialisation, far from round-to-nearest). ``hard = True`` switches to the final rounding
 ``floor(x) + (h >= 0.5)``, which is what ``FakeQuantLinear.freeze()`` packs.
+
+``NearestRounding`` is the switched-off alternative (``lora_rounding=False``): round-to-nearest with a
+straight-through gradient, as ``FakeQuantLinear`` does by default. Both carry a ``preprocessed`` flag (CFP has run
+on the layer) as a buffer, so a checkpointed window restores it with the rest of the block's state.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from effllm.quant.weight_quant import round_ste
 
 # AdaRound's stretch of the sigmoid beyond [0, 1], so h reaches exactly 0 and 1 with finite logits.
 ZETA = 1.1
@@ -49,17 +55,27 @@ def floor_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.floor(x) - x).detach()
 
 
+class NearestRounding(nn.Module):
+    def __init__(self, device=None):
+        super().__init__()
+        self.register_buffer("preprocessed", torch.zeros((), dtype=torch.bool, device=device))
+
+    def forward(self, scaled: torch.Tensor) -> torch.Tensor:
+        return round_ste(scaled)
+
+
 class LoRARounding(nn.Module):
     def __init__(self, out_features: int, in_features: int, rank: int, init: str = "nearest",
                  generator: torch.Generator | None = None, device=None):
         super().__init__()
+        self.register_buffer("preprocessed", torch.zeros((), dtype=torch.bool, device=device))
+        self.register_buffer("sharpness", torch.ones((), device=device))  # set by the trainer every step
         rank = min(rank, out_features, in_features)
         a = torch.randn(out_features, rank, generator=generator) * A_INIT_STD
         # Trainable only while a window optimises them.
         self.a = nn.Parameter(a.to(device), requires_grad=False)  # [out, r]
         self.b = nn.Parameter(torch.zeros(rank, in_features, device=device), requires_grad=False)  # [r, in]
         self.use_fraction = init == "nearest"
-        self.sharpness = 1.0
         self.hard = False
         self._last_logits: torch.Tensor | None = None
 
@@ -79,6 +95,9 @@ class LoRARounding(nn.Module):
             offset = (offset >= 0.5).to(offset.dtype)
         return floor_ste(scaled) + offset.reshape(scaled.shape).to(scaled.dtype)
 
+    def set_sharpness(self, value: float) -> None:
+        self.sharpness.fill_(value)
+
     def harden(self) -> None:
         """Switch to the final rounding ``h >= 0.5`` and drop the last step's autograd graph."""
         self.hard = True
@@ -94,4 +113,9 @@ class LoRARounding(nn.Module):
 def attach_lora_rounding(fake, rank: int, init: str, generator: torch.Generator | None = None) -> LoRARounding:
     """Give a ``FakeQuantLinear`` a LoRA-Rounding module (its codes start at round-to-nearest)."""
     fake.rounding = LoRARounding(fake.out_features, fake.in_features, rank, init, generator, fake.weight.device)
+    return fake.rounding
+
+
+def attach_nearest_rounding(fake) -> NearestRounding:
+    fake.rounding = NearestRounding(fake.weight.device)
     return fake.rounding
