@@ -3,8 +3,11 @@
 Every optimizer trains the same model (4 blocks, hidden 256, byte tokens of the shared corpus, 3.3M parameters)
 from the same initial weights on the same batches (8 x 128, lr 1e-3, no schedule, no clipping), with a
 validation loss every ``--eval-every`` steps. Reported per optimizer: final validation loss, optimizer-state
-bytes (``state_bytes()`` for effllm's optimizers; ``exp_avg`` + ``exp_avg_sq`` for torch's AdamW), median
-step time (forward + backward + optimizer) and median optimizer-step time.
+bytes (``state_bytes()`` for effllm's optimizers; ``exp_avg`` + ``exp_avg_sq`` for torch's AdamW), and step
+times. On a shared, loaded machine one optimizer's run can meet more load than another's, so the optimizer step
+is also timed after training, round-robin over all optimizers (each on its own trained model and last
+gradient), best of ``TIMING_ROUNDS`` after a warm-up round: the figure to compare. The in-run median of a whole
+step (forward + backward + optimizer) is reported too.
 
 The GaLore-style baseline is the FRUGAL reference's own GaLore setting: SVD subspace of density 0.25, no
 state-free update, moments kept across refreshes, lr 1e-2 with the low-rank update scaled by 0.25.
@@ -46,6 +49,7 @@ FRUGAL_025_8BIT = "Frugal ρ=0.25, inner AdamW8bit"
 TARGET_LOSS_GAP = 0.02
 TARGET_MEMORY_FRUGAL = 0.55
 TARGET_MEMORY_FRUGAL_8BIT = 0.15
+TIMING_ROUNDS = 10
 
 
 @dataclass
@@ -96,7 +100,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: list[torch.Tensor],
-              initial_valid: float) -> dict:
+              initial_valid: float) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
     model = build_tiny_llama(s.model_config(), seed=s.seed)
     optimizer = make_optimizer(model)
     curve = [(0, initial_valid)]
@@ -117,6 +121,9 @@ def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: li
         if step % s.eval_every == 0 or step == s.steps:
             curve.append((step, evaluate_loss(model, valid)))
             print(f"  step {step:4d}  train {losses[-1]:.4f}  valid {curve[-1][1]:.4f}", flush=True)
+    # keep the last gradient: the optimizer-step timing after all runs steps on it
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
     return {
         "final_valid_loss": curve[-1][1],
         "state_bytes": state_bytes(optimizer),
@@ -124,7 +131,21 @@ def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: li
         "optimizer_step_ms_median": statistics.median(optimizer_seconds) * 1e3,
         "valid_curve": curve,
         "train_losses": losses,
-    }
+    }, model, optimizer
+
+
+def time_optimizer_steps(trained: dict, rounds: int = TIMING_ROUNDS) -> dict[str, float]:
+    """Best optimizer-step milliseconds per label, the optimizers taking turns (so load hits all alike). The
+    warm-up round takes any subspace refresh that falls due (one SVD per weight every update_gap steps)."""
+    best = {label: float("inf") for label in trained}
+    for round_index in range(rounds + 1):
+        for label, (_, optimizer) in trained.items():
+            started = time.perf_counter()
+            optimizer.step()
+            elapsed = time.perf_counter() - started
+            if round_index:
+                best[label] = min(best[label], elapsed * 1e3)
+    return best
 
 
 def run_all(s: Settings, corpus: Path, only: list[str] | None = None) -> dict:
@@ -133,15 +154,17 @@ def run_all(s: Settings, corpus: Path, only: list[str] | None = None) -> dict:
     # Every run starts from the same weights, so the step-0 validation loss is measured once.
     initial_valid = evaluate_loss(build_tiny_llama(s.model_config(), seed=s.seed), valid)
     parameters = sum(p.numel() for p in build_tiny_llama(s.model_config(), seed=s.seed).parameters())
-    runs = {}
+    runs, trained = {}, {}
     for label, make in candidates(s).items():
         if only and label not in only:
             continue
         print(label, flush=True)
-        runs[label] = train_one(make, s, train_tokens, valid, initial_valid)
+        runs[label], *trained[label] = train_one(make, s, train_tokens, valid, initial_valid)
         run = runs[label]
         print(f"  -> valid {run['final_valid_loss']:.4f}  state {run['state_bytes'] / 1e6:.2f} MB  "
               f"step {run['step_s_median']:.2f} s  optimizer {run['optimizer_step_ms_median']:.1f} ms", flush=True)
+    for label, milliseconds in time_optimizer_steps(trained).items():
+        runs[label]["optimizer_step_ms_best"] = milliseconds
     if ADAMW in runs:
         reference = runs[ADAMW]
         for run in runs.values():
@@ -182,9 +205,11 @@ def markdown(results: dict) -> str:
     for label, run in runs.items():
         rows.append([label, f"{run['final_valid_loss']:.4f}", f"{run.get('valid_vs_adamw', 0):+.2%}",
                      f"{run['state_bytes']:,}", f"{run.get('state_vs_adamw', 0):.3f}",
-                     f"{run['step_s_median']:.2f}", f"{run['optimizer_step_ms_median']:.1f}"])
+                     f"{run['optimizer_step_ms_best']:.1f}", f"{run['optimizer_step_ms_median']:.1f}",
+                     f"{run['step_s_median']:.2f}"])
     table = markdown_table(["optimizer", "valid loss", "vs AdamW", "state bytes", "state vs AdamW",
-                            "step s (median)", "optimizer step ms (median)"], rows)
+                            f"optimizer step ms (best of {TIMING_ROUNDS}, round-robin)",
+                            "optimizer step ms (in-run median)", "whole step s (in-run median)"], rows)
     verdicts = markdown_table(["target", "measured", "met"],
                               [[t["target"], t["measured"], "yes" if t["met"] else "**no**"]
                                for t in results["targets"]])
@@ -203,6 +228,9 @@ def markdown(results: dict) -> str:
         table,
         "",
         verdicts,
+        "",
+        "Step times come from a shared 2-core machine under heavy load from other jobs: compare the round-robin "
+        "optimizer-step column; the in-run medians also reflect how loaded the machine was during each run.",
     ])
 
 
@@ -228,6 +256,7 @@ def plot(results: dict, path: Path) -> None:
     curves.legend(fontsize=7)
     curves.grid(alpha=0.3)
     memory.set_xscale("log")
+    memory.set_xlim(right=memory.get_xlim()[1] * 4)  # room for the labels of the largest states
     memory.set_xlabel("optimizer-state memory (MB, log scale)")
     memory.set_ylabel("final validation loss")
     memory.grid(alpha=0.3, which="both")
