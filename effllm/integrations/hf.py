@@ -69,7 +69,7 @@ TINY_PARAMETER_ELEMENTS = 4096
 
 def _unwrap(optimizer):
     """The optimizer itself: the Trainer hands callbacks accelerate's ``AcceleratedOptimizer`` around it."""
-    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, (BlockwiseOptimizer, Frugal)):
+    while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 
@@ -104,7 +104,7 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters the Trainer would decay: its own rule, so the grouping is the Trainer's."""
     from transformers import Trainer
 
-    # get_decay_parameter_names reads only the model (not the Trainer), in every transformers version it exists in.
+    # get_decay_parameter_names reads only the model, not the Trainer instance.
     return set(Trainer.get_decay_parameter_names(None, model))
 
 
