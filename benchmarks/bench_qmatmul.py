@@ -126,7 +126,7 @@ def bench_stack(rounds: int, tokens: int) -> list[dict]:
 
 
 def bench_rows(rounds: int) -> list[dict]:
-    from effllm.kernels._qmatmul_cpu import CpuQMatmul, threads_for
+    from effllm.kernels._qmatmul_cpu import CpuQMatmul
 
     in_features, out_features = HIDDEN, INTERMEDIATE
     linear = nn.Linear(in_features, out_features, bias=False)
@@ -135,7 +135,7 @@ def bench_rows(rounds: int) -> list[dict]:
     results = []
     with torch.inference_mode():
         for m in ROW_COUNTS:
-            candidates = row_candidates(plan, linear, m, threads_for)
+            candidates = row_candidates(plan, linear, m)
             for fn in candidates.values():
                 fn()
             times = interleaved({name: _repeat(fn, 20) for name, fn in candidates.items()}, rounds)
@@ -143,16 +143,14 @@ def bench_rows(rounds: int) -> list[dict]:
     return results
 
 
-def row_candidates(plan, linear: nn.Linear, m: int, threads_for) -> dict[str, callable]:
+def row_candidates(plan, linear: nn.Linear, m: int) -> dict[str, callable]:
     """The decoding kernel called directly (what CpuQMatmul does up to MAX_DECODE_ROWS rows), the dequantize +
     BLAS path (above it) and fp32 ``nn.Linear``, on ``m`` rows."""
     x = torch.randn(m, linear.in_features)
     out = torch.empty(m, linear.out_features)
 
-    threads = threads_for(linear.in_features * linear.out_features)
-
     def decode_kernel():
-        plan.decode_kernel(x.data_ptr(), m, *plan.weight_args, out.data_ptr(), threads)
+        plan.decode_kernel(plan.weight_ref, x.data_ptr(), m, out.data_ptr(), plan.threads())
 
     return {"decode kernel": decode_kernel,
             "dequantize + BLAS": lambda: torch.nn.functional.linear(x, plan.dequantize()),

@@ -28,12 +28,27 @@ MAX_DECODE_ROWS = 32
 # thread and only layers of several million weights (7B-class models) are split.
 MIN_WEIGHTS_PER_THREAD = 1 << 22
 
-_i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+class PackedWeight(ctypes.Structure):
+    """csrc/qmatmul.c: effllm_packed_weight (field for field)."""
+
+    _fields_ = [
+        ("qweight", ctypes.c_void_p),
+        ("stream_bytes", ctypes.c_int64),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("group_size", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+    ]
+
+
+_weight_p = ctypes.POINTER(PackedWeight)
 _SIGNATURES = {
-    # (x, m, qweight, stream_bytes, scales, zeros, bits, group_size, n, k, out, num_threads)
-    "effllm_qmatmul": [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _i32, _i64, _i64, _i64, _ptr, _i32],
-    # (qweight, stream_bytes, scales, zeros, bits, group_size, n, k, out, num_threads)
-    "effllm_dequantize_packed": [_ptr, _i64, _ptr, _ptr, _i32, _i64, _i64, _i64, _ptr, _i32],
+    # (weight, x, m, out, num_threads)
+    "effllm_qmatmul": [_weight_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32],
+    # (weight, out, num_threads)
+    "effllm_dequantize_packed": [_weight_p, ctypes.c_void_p, ctypes.c_int32],
 }
 
 
@@ -53,29 +68,32 @@ def threads_for(weight_numel: int) -> int:
 class CpuQMatmul:
     """``plan(x, bias=None)``: the packed-weight matmul of one weight on CPU tensors (see ``prepare_qmatmul``).
 
-    Holds the weight's tensors (no copy of the codes), its scales as fp32 and the C entry points, so that a call
-    costs little more than the kernel itself: decoding calls a few hundred such matmuls per token.
+    Holds the weight's tensors (no copy of the codes), its scales as fp32, the C structure describing them and
+    the C entry points, so that a call costs little more than the kernel: a decode step makes hundreds of them.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  group_size: int | None, out_features: int, in_features: int):
         self.reference_args = (qweight, scales, zeros, bits, group_size, out_features, in_features)
-        self.group = check_weight_args(*self.reference_args)
-        self.bits, self.out_features, self.in_features = bits, out_features, in_features
+        group = check_weight_args(*self.reference_args)
+        self.out_features, self.in_features = out_features, in_features
         self.stream = qweight.detach().contiguous()
         self.scales32 = scales.detach().float().contiguous()
         self.zeros8 = zeros.detach().contiguous()
+        self.weight = PackedWeight(self.stream.data_ptr(), self.stream.numel(), self.scales32.data_ptr(),
+                                   self.zeros8.data_ptr(), group, out_features, in_features, bits)
+        self.weight_ref = ctypes.byref(self.weight)
         kernels = _kernels()
         self.decode_kernel, self.dequantize_kernel = kernels.effllm_qmatmul, kernels.effllm_dequantize_packed
-        # The arguments of both kernels that describe the weight, in their order.
-        self.weight_args = (self.stream.data_ptr(), self.stream.numel(), self.scales32.data_ptr(),
-                            self.zeros8.data_ptr(), bits, self.group, out_features, in_features)
+        self.single_threaded = out_features * in_features < 2 * MIN_WEIGHTS_PER_THREAD
+
+    def threads(self) -> int:
+        return 1 if self.single_threaded else threads_for(self.out_features * self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """``W`` as fp32 [out_features, in_features]."""
         weight = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
-        status = self.dequantize_kernel(*self.weight_args, weight.data_ptr(), threads_for(weight.numel()))
-        check(status, "dequantize_packed")
+        check(self.dequantize_kernel(self.weight_ref, weight.data_ptr(), self.threads()), "dequantize_packed")
         return weight
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,7 +101,7 @@ class CpuQMatmul:
             raise ValueError(f"x has {x.shape[-1]} features, the weight expects {self.in_features}")
         if x.requires_grad and torch.is_grad_enabled():
             return qmatmul_ref(x, *self.reference_args, bias=bias)  # differentiable
-        rows = x.reshape(-1, self.in_features)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.float().contiguous()
         m = rows.shape[0]
@@ -91,15 +109,14 @@ class CpuQMatmul:
             out = torch.nn.functional.linear(rows, self.dequantize(), None if bias is None else bias.float())
         else:
             out = torch.empty(m, self.out_features, dtype=torch.float32)
-            status = self.decode_kernel(rows.data_ptr(), m, *self.weight_args, out.data_ptr(),
-                                        threads_for(self.out_features * self.in_features))
+            status = self.decode_kernel(self.weight_ref, rows.data_ptr(), m, out.data_ptr(), self.threads())
             if status:
                 check(status, "qmatmul")
             if bias is not None:
                 out = out + bias
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
 
 def qmatmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,

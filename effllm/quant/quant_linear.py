@@ -21,6 +21,11 @@ from effllm.kernels.qmatmul import prepare_qmatmul
 from .weight_quant import WeightQuantSpec, fake_quant_activation
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """How many in-place writes ``tensor`` has seen; inference-mode tensors keep no count."""
+    return 0 if tensor.is_inference() else tensor._version
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, spec: WeightQuantSpec, bias: bool = False,
                  act_bits: int | None = None, dtype: torch.dtype = torch.float32, device=None):
@@ -68,10 +73,11 @@ class QuantLinear(nn.Module):
         them alive, so their ids stay unique) and where their data is, and their in-place writes
         (``load_state_dict``, ``copy_`` bump ``_version``; tensors made under ``torch.inference_mode`` have no
         version counter)."""
-        key = [requested_backend()]
-        for tensor in (self.qweight, self.scales, self.zeros):
-            key += (id(tensor), tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version)
-        return tuple(key)
+        buffers = self._buffers  # not self.qweight: nn.Module's attribute fallback costs microseconds per call
+        qweight, scales, zeros = buffers["qweight"], buffers["scales"], buffers["zeros"]
+        return (requested_backend(), id(qweight), id(scales), id(zeros),
+                qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                _version(qweight), _version(scales), _version(zeros))
 
     def _matmul_plan(self):
         key = self._plan_key()

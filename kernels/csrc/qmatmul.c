@@ -206,48 +206,58 @@ static int avx2_fits(int64_t group_size, int64_t k) {
     return HAVE_AVX2_PATH && k % CODES_PER_RUN == 0 && group_size % CODES_PER_RUN == 0;
 }
 
-/* out [m, n] fp32 = x [m, k] fp32 @ W^T; scales fp32 [n, groups], zeros uint8 [n, groups]; stream_bytes is the
- * length of qweight (ceil(n * k * bits / 8)). */
-int effllm_qmatmul(const float *x, int64_t m, const uint8_t *qweight, int64_t stream_bytes, const float *scales,
-                   const uint8_t *zeros, int32_t bits, int64_t group_size, int64_t n, int64_t k, float *out,
-                   int32_t num_threads) {
-    if (!arguments_ok(bits, group_size, n, k) || m < 0 || stream_bytes * BYTE_BITS < n * k * bits)
-        return EFFLLM_BAD_ARGUMENT;
+/* The packed weight as the Python side describes it. Must match PackedWeight in kernels/_qmatmul_cpu.py. */
+typedef struct {
+    const uint8_t *qweight; /* [stream_bytes]: codes of the row-major [n, k] weight, `bits` each */
+    int64_t stream_bytes;   /* ceil(n * k * bits / 8) or more */
+    const float *scales;    /* [n, k / group_size] */
+    const uint8_t *zeros;   /* [n, k / group_size] */
+    int64_t group_size;
+    int64_t n;
+    int64_t k;
+    int32_t bits;
+} effllm_packed_weight;
+
+static int weight_ok(const effllm_packed_weight *w) {
+    return arguments_ok(w->bits, w->group_size, w->n, w->k) && w->stream_bytes * BYTE_BITS >= w->n * w->k * w->bits;
+}
+
+/* out [m, n] fp32 = x [m, k] fp32 @ W^T. */
+int effllm_qmatmul(const effllm_packed_weight *w, const float *x, int64_t m, float *out, int32_t num_threads) {
+    if (!weight_ok(w) || m < 0) return EFFLLM_BAD_ARGUMENT;
+    const int64_t groups = w->k / w->group_size;
 #if HAVE_AVX2_PATH
-    if (avx2_fits(group_size, k)) {
-        QMATMUL_AVX2[bits](x, m, qweight, qweight + stream_bytes, scales, zeros, group_size, n, k, out,
-                           num_threads);
+    if (avx2_fits(w->group_size, w->k)) {
+        QMATMUL_AVX2[w->bits](x, m, w->qweight, w->qweight + w->stream_bytes, w->scales, w->zeros, w->group_size,
+                              w->n, w->k, out, num_threads);
         return EFFLLM_OK;
     }
 #endif
-    const int64_t groups = k / group_size;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
-    for (int64_t row = 0; row < n; row++)
-        dot_rows_scalar(x, m, qweight, row, scales + row * groups, zeros + row * groups, bits, group_size, k,
-                        out + row, n);
+    for (int64_t row = 0; row < w->n; row++)
+        dot_rows_scalar(x, m, w->qweight, row, w->scales + row * groups, w->zeros + row * groups, w->bits,
+                        w->group_size, w->k, out + row, w->n);
     return EFFLLM_OK;
 }
 
 /* out [n, k] fp32 = W. */
-int effllm_dequantize_packed(const uint8_t *qweight, int64_t stream_bytes, const float *scales, const uint8_t *zeros,
-                             int32_t bits, int64_t group_size, int64_t n, int64_t k, float *out,
-                             int32_t num_threads) {
-    if (!arguments_ok(bits, group_size, n, k) || stream_bytes * BYTE_BITS < n * k * bits)
-        return EFFLLM_BAD_ARGUMENT;
-    const int64_t groups = k / group_size;
-    const int vectorised = avx2_fits(group_size, k);
+int effllm_dequantize_packed(const effllm_packed_weight *w, float *out, int32_t num_threads) {
+    if (!weight_ok(w)) return EFFLLM_BAD_ARGUMENT;
+    const int64_t groups = w->k / w->group_size;
+    const int vectorised = avx2_fits(w->group_size, w->k);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
-    for (int64_t row = 0; row < n; row++) {
+    for (int64_t row = 0; row < w->n; row++) {
+        const float *scale = w->scales + row * groups;
+        const uint8_t *zero = w->zeros + row * groups;
 #if HAVE_AVX2_PATH
         if (vectorised) {
-            dequantize_row_avx2(qweight, qweight + stream_bytes, row, scales + row * groups, zeros + row * groups,
-                                bits, group_size, k, out + row * k);
+            dequantize_row_avx2(w->qweight, w->qweight + w->stream_bytes, row, scale, zero, w->bits, w->group_size,
+                                w->k, out + row * w->k);
             continue;
         }
 #endif
         (void)vectorised;
-        dequantize_row_scalar(qweight, row, scales + row * groups, zeros + row * groups, bits, group_size, k,
-                              out + row * k);
+        dequantize_row_scalar(w->qweight, row, scale, zero, w->bits, w->group_size, w->k, out + row * w->k);
     }
     return EFFLLM_OK;
 }
