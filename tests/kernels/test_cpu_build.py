@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import stat
 import subprocess
 import threading
@@ -122,17 +121,26 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch, fresh_lib
         backend_for(torch.empty(0))
 
 
-def test_concurrent_builds_into_one_cache_agree(tmp_path):
-    """Processes building at once (xdist workers, DDP ranks) each write a whole file or reuse one."""
+def test_concurrent_builds_into_one_cache_agree(built, tmp_path):
+    """Processes building at once (xdist workers, DDP ranks) each write a whole file or reuse one. The
+    compiler is a stand-in that takes a while and then writes the library built above, so the test
+    exercises the protocol without paying for two real compilations."""
+    _, library_path = built
+    slow = tmp_path / "slow-cc"
+    slow.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo slow 1.0; exit 0; fi\n"
+                    "for arg; do out=$arg; done\n"  # the last argument is the output path
+                    f"sleep 0.5\ncp '{library_path}' \"$out\"\n")
+    slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
+    cache = tmp_path / "cache"
     results, errors = [], []
 
     def build():
         try:
-            results.append(cpu_build.build(cache_dir=tmp_path))
+            results.append(cpu_build.build(compiler=str(slow), cache_dir=cache))
         except Exception as error:  # noqa: BLE001 - collected and asserted below
             errors.append(error)
 
-    threads = [threading.Thread(target=build) for _ in range(2)]
+    threads = [threading.Thread(target=build) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -141,5 +149,5 @@ def test_concurrent_builds_into_one_cache_agree(tmp_path):
     assert len(set(results)) == 1
     path = results[0]
     assert [p.name for p in path.parent.iterdir()] == [cpu_build.LIBRARY_NAME]
+    assert path.read_bytes() == library_path.read_bytes()
     assert isinstance(cpu_build.load(path), ctypes.CDLL)
-    assert os.access(path, os.R_OK)
