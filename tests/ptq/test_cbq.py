@@ -282,3 +282,31 @@ def test_resume_mid_overlap_gives_the_same_model(tmp_path, monkeypatch, ids):
     quantize(resumed, config, ids[:0], checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(resumed(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def wider_outlier_llama(hidden: int = 128, layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 5 // 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(100)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            channels = torch.randperm(hidden, generator=generator)[:3]
+            layer.input_layernorm.weight[channels] *= OUTLIER_GAIN
+            layer.post_attention_layernorm.weight[channels] *= OUTLIER_GAIN
+    return model
+
+
+@pytest.mark.slow
+def test_hidden_128_cbq_beats_gptq_given_enough_steps():
+    """docs/cbq.md's wider model: with 128 steps per window CBQ is below GPTQ at W3 g32 (one epoch is not)."""
+    model = wider_outlier_llama()
+    ids = torch.randint(0, 256, (32, 64), generator=torch.Generator().manual_seed(1))
+    spec = WeightQuantSpec(3, 32)
+    with torch.no_grad():
+        reference = model(ids).logits
+    gptq = relative_error(quantized_logits(model, ids, spec, GPTQ()), reference)
+    cbq = relative_error(quantized_logits(model, ids, spec, CBQ(CBQConfig(epochs=4))), reference)
+    assert cbq < gptq, (cbq, gptq)
