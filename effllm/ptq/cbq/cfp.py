@@ -47,6 +47,18 @@ SMOOTH_PAIRS = (
 )
 
 
+def _row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """Linear-interpolated quantile of every row [rows, n] -> [rows] (``torch.quantile`` refuses large inputs)."""
+    n = values.shape[-1]
+    position = q * (n - 1)
+    low = int(position)
+    fraction = position - low
+    below = values.kthvalue(low + 1, dim=-1).values
+    if fraction == 0:
+        return below
+    return below + fraction * (values.kthvalue(min(low + 2, n), dim=-1).values - below)
+
+
 def outlier_threshold(magnitudes: torch.Tensor, iqr_lambda: float) -> torch.Tensor:
     """Per row of ``magnitudes`` [rows, n] (non-negative): values above the returned threshold [rows] are outliers.
 
@@ -55,8 +67,8 @@ def outlier_threshold(magnitudes: torch.Tensor, iqr_lambda: float) -> torch.Tens
     """
     values = magnitudes.double()
     n = values.shape[-1]
-    quartiles = torch.quantile(values, torch.tensor([Q1, Q3], dtype=values.dtype, device=values.device), dim=-1)
-    coarse = quartiles[1] + iqr_lambda * (quartiles[1] - quartiles[0])  # [rows]
+    q1, q3 = _row_quantile(values, Q1), _row_quantile(values, Q3)
+    coarse = q3 + iqr_lambda * (q3 - q1)  # [rows]
     candidates = (values > coarse[:, None]).sum(dim=-1)  # [rows]
     largest = int(candidates.max()) if n > 1 else 0
     if largest == 0:
