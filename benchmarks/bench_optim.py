@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from effllm.bench import optim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,12 +32,16 @@ def main() -> None:
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"parameter counts (default {DEFAULT_SIZES})")
     parser.add_argument("--repeats", type=int, default=5, help="best of N after warm-up (default 5)")
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
+    parser.add_argument("--threads", type=int, help="torch (and effllm kernel) threads (default: torch's choice)")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "optim.json"))
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     sizes = [parse_size(item) for item in args.sizes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb)
     command = "python benchmarks/bench_optim.py" + (f" --sizes {args.sizes}" if args.sizes != DEFAULT_SIZES else "")
+    command += f" --threads {args.threads}" if args.threads else ""
     optim.write(rows, args.json, args.markdown, command=command)
 
 

@@ -27,6 +27,7 @@ MAX_BLOCK_WIDTH = 4096  # wider than this, a size becomes several blocks
 WARMUP_STEPS = 2
 BUDGET_S = 5.0  # timing stops after this much time per optimizer and size (bitsandbytes is slow on CPU)
 GC_MIN_PARAMS = 10_000_000  # collect garbage between candidates from this size on (a collection costs ~0.1 s)
+BUSY_LOAD_PER_CORE = 0.5  # a load average above this per CPU marks the figures as taken on a busy machine
 TARGET_STATE_BYTES = 2.04
 TARGET_RATIO_TO_FUSED = 2.0
 EFFLLM_8BIT = "effllm AdamW8bit"
@@ -162,6 +163,12 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         missed = [size for size, value in ratios.items() if value > TARGET_RATIO_TO_FUSED]
         verdicts.append(f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW: met at {', '.join(met) or 'no size'}"
                         + (f"; not met at {', '.join(missed)}" if missed else ""))
+    load, cores = info.get("load_average_1m"), info.get("logical_cores") or 1
+    note = ""
+    if load is not None and load > BUSY_LOAD_PER_CORE * cores:
+        note = (f"Note: measured while other processes kept the machine busy (load average {load} on {cores} "
+                "CPUs): multi-threaded times, torch's above all, are inflated and noisy; rerun on a quiet machine "
+                "before trusting a ratio.")
     date = datetime.date.today().isoformat()
     return "\n".join([
         "## Optimizer step",
@@ -179,6 +186,7 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         memory,
         "",
         "Targets: " + "; ".join(verdicts) + "." if verdicts else "",
+        *(["", note] if note else []),
     ])
 
 
