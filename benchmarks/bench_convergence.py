@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from effllm.optim import AdamW8bit
+from effllm.optim.state_memory import optimizer_state_bytes
 from effllm.train import (
     TinyLMConfig,
     build_tiny_llama,
@@ -79,15 +80,7 @@ def optimizer_factories(settings: Settings) -> dict:
     return factories
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's state tensors (any optimizer), step counters excluded; a tensor shared by
-    several parameters (bitsandbytes' quantization maps) counts once."""
-    seen = {}
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                seen[value.data_ptr()] = value.numel() * value.element_size()
-    return sum(seen.values())
+state_bytes = optimizer_state_bytes  # any optimizer, bitsandbytes' shared maps counted once
 
 
 def run_all(settings: Settings, corpus: Path) -> dict:

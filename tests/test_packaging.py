@@ -1,7 +1,12 @@
 """The installed package is what the tree holds: every package directory is listed in pyproject.toml."""
 
-import tomllib
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

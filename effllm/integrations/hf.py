@@ -48,6 +48,7 @@ from effllm.optim import (
     override,
 )
 from effllm.optim.frugal import frugal_param_groups
+from effllm.optim.state_memory import optimizer_state_bytes
 
 # Optimizers by name: the spellings of recipes and of ``optimizer_cls_and_kwargs``.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -193,20 +194,6 @@ def create_optimizer(model: nn.Module, optimizer: str | type[torch.optim.Optimiz
 
 
 # --- what the callbacks measure ------------------------------------------------------------------------------
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state: effllm's own count (codes, absmax, moments, projections) or, for any other
-    optimizer, every state tensor but the step counters. A tensor shared by several parameters counts once."""
-    optimizer = _unwrap(optimizer)
-    if hasattr(optimizer, "state_bytes"):
-        return optimizer.state_bytes()
-    seen = {}
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                seen[value.data_ptr()] = value.numel() * value.element_size()
-    return sum(seen.values())
-
-
 def optimized_parameter_count(optimizer: torch.optim.Optimizer) -> int:
     optimizer = _unwrap(optimizer)
     return sum(p.numel() for group in optimizer.param_groups for p in group["params"])

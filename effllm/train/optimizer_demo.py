@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from effllm.optim.state_memory import optimizer_state_bytes
+
 from .byte_corpus import load_bytes, random_batches, sequential_batches
 from .tiny_lm import TinyLMConfig, build_tiny_llama, train_lm
 
@@ -21,12 +23,6 @@ class DemoRow:
     state_bytes: int
     bytes_per_param: float
     seconds: float
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the tensors in ``optimizer.state`` (any optimizer), not counting step counters."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for key, value in state.items() if torch.is_tensor(value) and key != "step")
 
 
 def run_demo(text_path: str, steps: int = 200, batch_size: int = 8, seq_len: int = 128, lr: float = 2e-3,
