@@ -317,7 +317,8 @@ class Frugal(Optimizer):
         d = a.shape[0]
         rank = subspace_rank(grad_matrix.shape, group["density"])
         if mode == _BASIS and group["projection"] == "svd":
-            state["basis"] = svd_basis(a, rank)
+            # A NaN/Inf gradient element must not break the SVD (it would not converge and leave no basis).
+            state["basis"] = svd_basis(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), rank)
         elif mode == _BASIS:
             state["basis"] = random_basis(d, rank, seeded_generator(group["seed"], index, refresh), a.device)
         elif mode == _INDICES:

@@ -465,3 +465,18 @@ def test_bf16_weights(projection):
     for param, start in zip(params, starts):
         assert param.dtype == torch.bfloat16 and torch.isfinite(param).all()
         assert not torch.equal(param, start)
+
+
+def test_nan_gradient_on_a_refresh_step_keeps_a_usable_subspace():
+    from effllm.optim import Frugal
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(32, 48))
+    optimizer = Frugal([{"params": [weight], "projected": True}], lr=1e-3, density=0.25, update_gap=2)
+    for step in range(5):
+        weight.grad = torch.randn(32, 48)
+        if step == 2:  # step 3 refreshes the subspace
+            weight.grad[0, 0] = float("nan")
+        optimizer.step()
+    assert "basis" in optimizer.state[weight] and torch.isfinite(optimizer.state[weight]["basis"]).all()
+    assert torch.isfinite(weight).all()
