@@ -19,14 +19,16 @@ from ._cpu_abi import check
 from .qmatmul import check_weight_args, qmatmul_ref
 
 # Above this many rows of x, dequantize-then-BLAS beats the decoding kernel. Measured by bench_qmatmul.py (rows
-# section) on one thread of a 2-core AVX2 EPYC, [1536, 576] W4 g64 weight: decode kernel vs dequantize + BLAS
-# 2.1 vs 4.0 ms at 16 rows, 3.4 vs 4.0 at 32, 5.4 vs 5.4 at 48, 7.5 vs 6.5 at 64.
-MAX_DECODE_ROWS = 32
+# section, one thread of a 2-core AVX2 EPYC, [1536, 576] W4 g64 weight), decode kernel vs dequantize + BLAS in ms:
+# load 1.4: 0.63 vs 0.74 at 16 rows, 0.96 vs 0.91 at 24, 1.45 vs 1.37 at 32; load 5: 2.1 vs 4.0 at 16, 3.4 vs 4.0
+# at 32, equal near 48.
+MAX_DECODE_ROWS = 24
 # Below this many weight elements per thread, one thread does the work. Waking OpenMP workers is what costs: on
 # the loaded 2-core machine of benchmarks/bench_qmatmul.py each parallel region cost 3-20 ms (a [1536, 576] W4
-# matvec: 0.2 ms on one thread, 19 ms on two), so every SmolLM2-135M layer (at most 0.9 M weights) stays on one
-# thread and only layers of several million weights (7B-class models) are split.
+# matvec: 0.2-0.8 ms on one thread, 15-19 ms on two; even [11008, 4096] took 15 ms on one and 20 on two), so every
+# SmolLM2-135M layer (at most 0.9 M weights) stays on one thread and only layers of at least 8 M weights are split.
 MIN_WEIGHTS_PER_THREAD = 1 << 22
+
 
 class PackedWeight(ctypes.Structure):
     """csrc/qmatmul.c: effllm_packed_weight (field for field)."""

@@ -11,8 +11,9 @@ The weight ``W`` [out_features, in_features] is stored as ``QuantLinear`` stores
 
 ``qmatmul_ref`` is the specification: fp32 arithmetic, the result cast to ``x``'s dtype. ``qmatmul`` picks a
 backend (see ``effllm.kernels.backend_for``): Triton on CUDA (or under the interpreter), the C kernels on CPU
-tensors, else the reference. Only the reference is differentiable: callers that need gradients use it.
-``prepare_qmatmul`` does the per-weight work once for a layer that calls the matmul at every step.
+tensors, else the reference. Gradients reach ``x`` and ``bias`` on every backend: a call that needs them (under
+grad mode) runs the differentiable reference, or adds the bias with torch ops. ``prepare_qmatmul`` does the
+per-weight work once for a layer that calls the matmul at every step.
 """
 
 from __future__ import annotations
@@ -114,9 +115,6 @@ def prepare_qmatmul(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
             group_size: int | None, out_features: int, in_features: int,
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same result as ``qmatmul_ref`` (within fp32 rounding), on the backend chosen for ``qweight``.
-
-    Not differentiable on the triton and cpu backends (the result is detached there).
-    """
+    """Same result as ``qmatmul_ref`` (within fp32 rounding), on the backend chosen for ``qweight``."""
     plan = prepare_qmatmul(qweight, scales, zeros, bits, group_size, out_features, in_features)
     return plan(x, bias)

@@ -22,8 +22,7 @@ WEIGHTS = [
     (2, 16, 48, 64), (2, None, 31, 40), (2, 5, 7, 15),
     (8, 32, 33, 64), (8, None, 16, 11), (8, 7, 9, 21),
 ]
-# Rows of x: one (decoding), a few, tiles of four plus two, one past the CPU decode limit (32), more than a
-# Triton tile.
+# Rows of x: one (decoding), a few, tiles of four plus two, past the CPU decode limit (24), more than a Triton tile.
 ROWS = [1, 3, 18, 33, 70]
 
 
