@@ -10,8 +10,9 @@
  * ROWS_PER_TILE rows of x. Per group it accumulates x * (code - zero) in fp32 and then adds scale * that sum.
  * effllm_dequantize_packed: W as fp32 [n, k], for many rows of x (prefill), where a BLAS matmul pays off.
  *
- * The AVX2 path needs k and group_size to be multiples of 8 (every group then starts on a byte); other shapes
- * and other CPUs take the scalar path, which reads each code from the (at most) two bytes it spans. */
+ * The AVX2 path needs k and group_size to be multiples of 8 (every group then starts on a byte) and reads whole
+ * 32- or 64-bit words; other shapes, other CPUs and the last rows of the stream (whose words would reach past
+ * its end) take the scalar path, which reads each code from the (at most) two bytes it spans. */
 #include <stdint.h>
 #include <string.h>
 
@@ -71,24 +72,28 @@ static void dequantize_row_scalar(const uint8_t *stream, int64_t row, const floa
 #define WORD32_BYTES 4
 #define WORD64_BYTES 8
 
-/* A run of 8 codes (`bits` bytes at p) as 8 floats. Loads of a whole 32- or 64-bit word are used where the
- * buffer goes on far enough (`end`); the last runs of the stream are copied byte by byte instead. */
-ALWAYS_INLINE __m256 decode_run(const uint8_t *p, const uint8_t *end, int bits) {
+/* Whether decode_run may read whole words all along weight row `row`: true for every row but the last one or
+ * few, whose final words would reach past the stream; those take the scalar path. */
+ALWAYS_INLINE int row_fits_words(const uint8_t *stream, const uint8_t *end, int64_t row, int bits, int64_t k) {
+    return stream + (row + 1) * k / CODES_PER_RUN * bits + WORD64_BYTES <= end;
+}
+
+/* A run of 8 codes (`bits` bytes at p) as 8 floats. Reads a whole 32-bit word (up to 4 bits) or 64-bit word
+ * (5..8 bits) at p: callers make sure that many bytes exist (see row_fits_words). */
+ALWAYS_INLINE __m256 decode_run(const uint8_t *p, int bits) {
     __m256i codes;
     if (bits == 8) {
-        codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));  /* exactly 8 bytes */
+        codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
     } else if (bits <= 4) {  /* 8 codes in at most 32 bits: broadcast, shift each lane by its offset, mask */
-        uint32_t word = 0;
-        if (p + WORD32_BYTES <= end) memcpy(&word, p, WORD32_BYTES);
-        else memcpy(&word, p, (size_t)bits);
+        uint32_t word;
+        memcpy(&word, p, WORD32_BYTES);
         const __m256i offsets = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits,
                                                   7 * bits);
         codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)word), offsets),
                                  _mm256_set1_epi32((1 << bits) - 1));
     } else {  /* 5..7 bits: 8 codes in at most 56 bits; shift in 64-bit lanes, then gather the low halves */
-        uint64_t word = 0;
-        if (p + WORD64_BYTES <= end) memcpy(&word, p, WORD64_BYTES);
-        else memcpy(&word, p, (size_t)bits);
+        uint64_t word;
+        memcpy(&word, p, WORD64_BYTES);
         const __m256i broadcast = _mm256_set1_epi64x((long long)word);
         const __m256i first = _mm256_srlv_epi64(broadcast, _mm256_setr_epi64x(0, bits, 2 * bits, 3 * bits));
         const __m256i second = _mm256_srlv_epi64(broadcast, _mm256_setr_epi64x(4 * bits, 5 * bits, 6 * bits,
@@ -110,8 +115,7 @@ ALWAYS_INLINE float horizontal_sum(__m256 v) {
 
 /* out[r * ldo] = x[r] . W[row] for r < ROWS (a compile-time constant in each inlined copy). `p` is the row's
  * first byte. Two accumulators per row of x (even and odd runs) hide the latency of the fused multiply-add. */
-ALWAYS_INLINE void dot_rows_avx2(const float *x, const int ROWS, const uint8_t *p, const uint8_t *end,
-                                 const float *scale, const uint8_t *zero, const int bits, int64_t group_size,
+ALWAYS_INLINE void dot_rows_avx2(const float *x, const int ROWS, const uint8_t *p, const float *scale, const uint8_t *zero, const int bits, int64_t group_size,
                                  int64_t k, float *out, int64_t ldo) {
     __m256 total[ROWS_PER_TILE];
     for (int r = 0; r < ROWS; r++) total[r] = _mm256_setzero_ps();
@@ -124,8 +128,8 @@ ALWAYS_INLINE void dot_rows_avx2(const float *x, const int ROWS, const uint8_t *
         for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm256_setzero_ps();
         int64_t run = 0;
         for (; run + 1 < runs; run += 2, p += 2 * bits) {
-            const __m256 w0 = _mm256_sub_ps(decode_run(p, end, bits), z);
-            const __m256 w1 = _mm256_sub_ps(decode_run(p + bits, end, bits), z);
+            const __m256 w0 = _mm256_sub_ps(decode_run(p, bits), z);
+            const __m256 w1 = _mm256_sub_ps(decode_run(p + bits, bits), z);
             for (int r = 0; r < ROWS; r++) {
                 const float *xr = xg + r * k + run * CODES_PER_RUN;
                 even[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, even[r]);
@@ -133,7 +137,7 @@ ALWAYS_INLINE void dot_rows_avx2(const float *x, const int ROWS, const uint8_t *
             }
         }
         if (run < runs) {  /* an odd number of runs per group */
-            const __m256 w0 = _mm256_sub_ps(decode_run(p, end, bits), z);
+            const __m256 w0 = _mm256_sub_ps(decode_run(p, bits), z);
             for (int r = 0; r < ROWS; r++)
                 even[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + r * k + run * CODES_PER_RUN), w0, even[r]);
             p += bits;
@@ -149,14 +153,18 @@ ALWAYS_INLINE void dot_rows_avx2(const float *x, const int ROWS, const uint8_t *
 ALWAYS_INLINE void dot_all_rows_avx2(const float *x, int64_t m, const uint8_t *stream, const uint8_t *end,
                                      int64_t row, const float *scale, const uint8_t *zero, const int bits,
                                      int64_t group_size, int64_t n, int64_t k, float *out) {
+    if (!row_fits_words(stream, end, row, bits, k)) {
+        dot_rows_scalar(x, m, stream, row, scale, zero, bits, group_size, k, out + row, n);
+        return;
+    }
     const uint8_t *p = stream + row * k / CODES_PER_RUN * bits;
     int64_t r = 0;
     for (; r + ROWS_PER_TILE <= m; r += ROWS_PER_TILE)
-        dot_rows_avx2(x + r * k, ROWS_PER_TILE, p, end, scale, zero, bits, group_size, k, out + r * n + row, n);
+        dot_rows_avx2(x + r * k, ROWS_PER_TILE, p, scale, zero, bits, group_size, k, out + r * n + row, n);
     switch (m - r) {
-        case 3: dot_rows_avx2(x + r * k, 3, p, end, scale, zero, bits, group_size, k, out + r * n + row, n); break;
-        case 2: dot_rows_avx2(x + r * k, 2, p, end, scale, zero, bits, group_size, k, out + r * n + row, n); break;
-        case 1: dot_rows_avx2(x + r * k, 1, p, end, scale, zero, bits, group_size, k, out + r * n + row, n); break;
+        case 3: dot_rows_avx2(x + r * k, 3, p, scale, zero, bits, group_size, k, out + r * n + row, n); break;
+        case 2: dot_rows_avx2(x + r * k, 2, p, scale, zero, bits, group_size, k, out + r * n + row, n); break;
+        case 1: dot_rows_avx2(x + r * k, 1, p, scale, zero, bits, group_size, k, out + r * n + row, n); break;
         default: break;
     }
 }
@@ -190,11 +198,15 @@ static const qmatmul_avx2_fn QMATMUL_AVX2[MAX_BITS + 1] = {
 
 static void dequantize_row_avx2(const uint8_t *stream, const uint8_t *end, int64_t row, const float *scale,
                                 const uint8_t *zero, int bits, int64_t group_size, int64_t k, float *out) {
+    if (!row_fits_words(stream, end, row, bits, k)) {
+        dequantize_row_scalar(stream, row, scale, zero, bits, group_size, k, out);
+        return;
+    }
     const uint8_t *p = stream + row * k / CODES_PER_RUN * bits;
     for (int64_t g = 0; g < k / group_size; g++) {
         const __m256 z = _mm256_set1_ps((float)zero[g]), s = _mm256_set1_ps(scale[g]);
         for (int64_t c = g * group_size; c < (g + 1) * group_size; c += CODES_PER_RUN, p += bits)
-            _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_sub_ps(decode_run(p, end, bits), z), s));
+            _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_sub_ps(decode_run(p, bits), z), s));
     }
 }
 #define HAVE_AVX2_PATH 1
