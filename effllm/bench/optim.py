@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import gc
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,9 +106,10 @@ def run(sizes: list[int], repeats: int = 5, include_bnb: bool = True, device: st
         initial = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
         grads = [(torch.randn(shape, generator=generator) * 1e-2).to(device) for shape in shapes]
         count = sum(p.numel() for p in initial)
+        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         size_rows = []
         for label, factory in found.items():
-            row = {"size": size, "params": count, "optimizer": label}
+            row = {"size": size, "params": count, "optimizer": label, "load_average_1m": load}
             if isinstance(factory, str):
                 row["error"] = factory
             else:
@@ -163,10 +165,11 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         missed = [size for size, value in ratios.items() if value > TARGET_RATIO_TO_FUSED]
         verdicts.append(f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW: met at {', '.join(met) or 'no size'}"
                         + (f"; not met at {', '.join(missed)}" if missed else ""))
-    load, cores = info.get("load_average_1m"), info.get("logical_cores") or 1
+    loads = [row["load_average_1m"] for row in rows if row.get("load_average_1m") is not None]
+    load, cores = max(loads, default=None), info.get("logical_cores") or 1
     note = ""
     if load is not None and load > BUSY_LOAD_PER_CORE * cores:
-        note = (f"Note: measured while other processes kept the machine busy (load average {load} on {cores} "
+        note = (f"Note: measured while other processes kept the machine busy (load average up to {load} on {cores} "
                 "CPUs): multi-threaded times, torch's above all, are inflated and noisy; rerun on a quiet machine "
                 "before trusting a ratio.")
     date = datetime.date.today().isoformat()
@@ -194,6 +197,9 @@ def write(rows: list[dict], json_path: str | None, markdown_path: str | None,
           command: str = "effllm bench optim") -> None:
     """Print the table; write JSON (and CSV beside it) and the markdown section where paths are given."""
     info = machine()
+    info["load_average_1m_at_end"] = info.pop("load_average_1m", None)
+    if rows and rows[0].get("load_average_1m") is not None:
+        info["load_average_1m"] = rows[0]["load_average_1m"]  # machine_line reports it as the start's
     section = markdown(rows, info, command)
     print(section)
     if json_path:
