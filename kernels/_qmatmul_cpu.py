@@ -20,9 +20,9 @@ from .qmatmul import check_weight_args, qmatmul_ref
 
 # Above this many rows of x, dequantize-then-BLAS beats the decoding kernel. Measured by bench_qmatmul.py (rows
 # section, one thread of a 2-core AVX2 EPYC, [1536, 576] W4 g64 weight), decode kernel vs dequantize + BLAS in ms:
-# load 1.4: 0.63 vs 0.74 at 16 rows, 0.96 vs 0.91 at 24, 1.45 vs 1.37 at 32; load 5: 2.1 vs 4.0 at 16, 3.4 vs 4.0
-# at 32, equal near 48.
-MAX_DECODE_ROWS = 24
+# load 2: 0.67 vs 0.79 at 12 rows, 0.94 vs 0.86 at 16, 1.34 vs 1.10 at 24; under heavier load (5) the kernel
+# kept up to about 48 rows. The quiet machine's crossover is the one kept.
+MAX_DECODE_ROWS = 16
 # Below this many weight elements per thread, one thread does the work. Waking OpenMP workers is what costs: on
 # the loaded 2-core machine of benchmarks/bench_qmatmul.py each parallel region cost 3-20 ms (a [1536, 576] W4
 # matvec: 0.2-0.8 ms on one thread, 15-19 ms on two; even [11008, 4096] took 15 ms on one and 20 on two), so every

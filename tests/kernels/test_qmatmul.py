@@ -22,8 +22,8 @@ WEIGHTS = [
     (2, 16, 48, 64), (2, None, 31, 40), (2, 5, 7, 15),
     (8, 32, 33, 64), (8, None, 16, 11), (8, 7, 9, 21),
 ]
-# Rows of x: one (decoding), a few, tiles of four plus two, past the CPU decode limit (24), more than a Triton tile.
-ROWS = [1, 3, 18, 33, 70]
+# Rows of x: one (decoding), a few, tiles of four plus two, past the CPU decode limit (16), more than a Triton tile.
+ROWS = [1, 3, 14, 17, 70]
 
 
 def make_weight(bits: int, group_size: int | None, out_features: int, in_features: int, seed: int = 0,
