@@ -23,10 +23,13 @@ from .qmatmul import check_weight_args, qmatmul_ref
 # load 2: 0.67 vs 0.79 at 12 rows, 0.94 vs 0.86 at 16, 1.34 vs 1.10 at 24; under heavier load (5) the kernel
 # kept up to about 48 rows. The quiet machine's crossover is the one kept.
 MAX_DECODE_ROWS = 16
-# Below this many weight elements per thread, one thread does the work. Waking OpenMP workers is what costs: on
-# the loaded 2-core machine of benchmarks/bench_qmatmul.py each parallel region cost 3-20 ms (a [1536, 576] W4
-# matvec: 0.2-0.8 ms on one thread, 15-19 ms on two; even [11008, 4096] took 15 ms on one and 20 on two), so every
-# SmolLM2-135M layer (at most 0.9 M weights) stays on one thread and only layers of at least 8 M weights are split.
+# Below this many weight elements per thread, one thread does the work. What a second thread costs is waking
+# it, and that depends on the load: on the 2-core machine of benchmarks/bench_qmatmul.py, at load average 1.5 two
+# threads took a [1536, 576] W4 matvec from 0.135 to 0.093 ms and [4096, 4096] from 2.85 to 1.48 ms, but at load
+# 4-8 (other processes on both cores) every OpenMP region cost 3-20 ms: 0.2-0.8 ms became 15-19 ms, and even
+# [11008, 4096] went from 15 to 20 ms. torch's own ops suffer the same (fp32 generate fell from 11 to 1.7 tokens/s
+# on two threads). Small layers (all of SmolLM2-135M's, at most 0.9 M weights) therefore stay on one thread,
+# which costs up to 1.5x on an idle machine and saves 20-100x on a busy one; layers of 8 M weights and more split.
 MIN_WEIGHTS_PER_THREAD = 1 << 22
 
 
