@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from ptq_models import make_tiny_llama
 from torch import nn
 
 from effllm.ptq.gptq import GPTQ, gptq_quantize
