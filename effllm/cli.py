@@ -246,7 +246,7 @@ def _run_quantize(ref, config, out, resume, overwrite, trust_remote_code, out_fo
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), help="Where to write results.json.")
 @click.option("--overwrite", is_flag=True, help="Replace output folders that exist.")
 def run(recipe_file: str, results_path: str | None, overwrite: bool) -> None:
-    """Run a recipe (stages: quantize, eval) and print its results table."""
+    """Run a recipe (stages: train, quantize, eval) and print its results table."""
     from effllm.recipes import Recipe, format_results, run_recipe
 
     try:
