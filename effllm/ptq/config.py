@@ -44,11 +44,7 @@ class PTQConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PTQConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PTQ config keys {unknown}; known keys: {', '.join(sorted(known))}")
-        return cls(**data)
+        return _construct(cls, data, "PTQ config keys")
 
 
 def make_algorithm(config: PTQConfig):
@@ -63,15 +59,16 @@ def make_algorithm(config: PTQConfig):
     if config.method == "gptq":
         from .gptq import GPTQ
 
-        return _construct(GPTQ, options, "gptq")
+        return _construct(GPTQ, options, "gptq options")
     from .cbq import CBQ, CBQConfig
 
-    return CBQ(_construct(CBQConfig, options, "cbq"))
+    return CBQ(_construct(CBQConfig, options, "cbq options"))
 
 
-def _construct(cls, options: dict, method: str):
+def _construct(cls, options: dict, what: str):
+    """``cls(**options)`` for a dataclass, with unknown keys named in one error line."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"unknown {method} options {unknown}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown {what} {unknown}; known: {', '.join(sorted(known))}")
     return cls(**options)
