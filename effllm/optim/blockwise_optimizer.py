@@ -58,7 +58,16 @@ class BlockwiseOptimizer(Optimizer):
         defaults.setdefault("min_8bit_size", 4096)
         defaults.setdefault("blocksize", None)
         super().__init__(params, defaults)
+        self._init_caches()
+
+    def _init_caches(self) -> None:
         self._maps: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._step_counts: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}  # param -> (step tensor, value)
+
+    def __setstate__(self, state: dict) -> None:
+        # pickle and deepcopy restore only torch's attributes (defaults, state, param_groups)
+        super().__setstate__(state)
+        self._init_caches()
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, but a group's options are checked here rather than at its first step."""
@@ -118,32 +127,46 @@ class BlockwiseOptimizer(Optimizer):
                     state[f"absmax{index}" if suffix else f"state{index}"] = tensor
 
     # --- the step -----------------------------------------------------------------------------------
+    def _step_count(self, param: torch.Tensor, state: dict) -> int:
+        """The value of ``state["step"]``, read from the tensor only when it is not the one last seen:
+        reading a tensor costs microseconds per parameter. A state loaded, reset or replaced since holds a
+        new tensor, so it is read afresh."""
+        counter = state["step"]
+        cached = self._step_counts.get(param)
+        return cached[1] if cached is not None and cached[0] is counter else int(counter)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        counters = []  # (param, its step tensor, new step) of every update: incremented at once below
         for group in self.param_groups:
             buckets: dict[tuple, list[ParamSlot]] = defaultdict(list)
             for param in group["params"]:
-                if param.grad is None:
+                grad = param.grad
+                if grad is None:
                     continue
-                if param.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[param]
                 if not state:
                     self._init_state(param, group, state)
-                state["step"] += 1  # a CPU tensor: no device synchronisation
+                step = self._step_count(param, state) + 1
+                counters.append((param, state["step"], step))
                 local = local_tensor(param)  # FSDP2: each rank updates its shard, blocks are per shard
-                key = (local.device, state["state_bits"], state["blocksize"], int(state["step"]))
+                key = (local.device, state["state_bits"], state["blocksize"], step)
                 buckets[key].append(
-                    ParamSlot(local, local_tensor(param.grad), state.get("state1"), state.get("state2"),
+                    ParamSlot(local, local_tensor(grad), state.get("state1"), state.get("state2"),
                               state.get("absmax1"), state.get("absmax2"))
                 )
             for (device, bits, blocksize, step), slots in buckets.items():
                 qmap1, qmap2 = self._maps_for(bits, device)
                 optim_update_many(self.algorithm, slots, qmap1, qmap2, self.hyper(group, step), bits, blocksize)
+        if counters:
+            torch._foreach_add_([counter for _, counter, _ in counters], 1.0)  # CPU tensors: no device sync
+            self._step_counts.update((param, (counter, step)) for param, counter, step in counters)
         return loss
 
     # --- state_dict ---------------------------------------------------------------------------------
