@@ -36,12 +36,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .adam import AdamW4bit, AdamW8bit
-from .dtensor import is_dtensor
+from .dtensor import RowShards, is_dtensor, local_tensor
 from .overrides import override, overrides_of
 from .subspace import (
     PROJECTIONS,
     as_matrix,
-    from_short_side_first,
+    matrix_shape,
     random_basis,
     random_indices,
     residual,
@@ -209,9 +209,7 @@ class Frugal(Optimizer):
     @staticmethod
     def _check_projectable(param: torch.Tensor) -> None:
         if is_dtensor(param):
-            raise NotImplementedError(
-                "Frugal projects whole gradients; its projected weights cannot be DTensors (FSDP2). "
-                "Use DDP, or keep these weights state-full (projected=False).")
+            RowShards(param)  # refuses layouts other than FSDP2's
         if param.grad is not None and param.grad.is_sparse:
             raise RuntimeError("Frugal does not support sparse gradients")
 
@@ -289,14 +287,13 @@ class Frugal(Optimizer):
         self._inner.state[target] = inner_state
         return inner_state
 
-    def _mode(self, param: torch.Tensor, group: dict, group_index: int, position: int, refresh: int) -> str:
+    def _mode(self, shape: tuple[int, int], group: dict, group_index: int, position: int, refresh: int) -> str:
         if group["projection"] == "blocks":
             return _WHOLE if position in self._active_blocks(group, group_index, refresh) else _FREE
-        matrix_shape = as_matrix(param).shape
-        rank = subspace_rank(matrix_shape, group["density"])
+        rank = subspace_rank(shape, group["density"])
         if rank == 0:
             return _FREE
-        if rank == min(matrix_shape):
+        if rank == min(shape):
             return _WHOLE
         return _INDICES if group["projection"] == "columns" else _BASIS
 
@@ -308,27 +305,38 @@ class Frugal(Optimizer):
             self._window_cache[group_index] = cached
         return cached[1]
 
-    def _refresh(self, state: dict, group: dict, grad_matrix: torch.Tensor, mode: str, index: int,
-                 refresh: int) -> None:
-        """New subspace for one weight; resets its inner moments if asked and the subspace changed."""
+    def _refresh(self, state: dict, group: dict, grad: torch.Tensor, shape: tuple[int, int], mode: str,
+                 index: int, refresh: int, shards: RowShards | None) -> None:
+        """New subspace for one weight; resets its inner moments if asked and the subspace changed.
+
+        Under FSDP2 every rank holds the same projection: random ones come from the same seeded generator; the
+        SVD is of the whole gradient (gathered at refresh steps only), and rank 0's basis is broadcast."""
         state.pop("basis", None)
         state.pop("indices", None)
-        a = short_side_first(grad_matrix)
-        d = a.shape[0]
-        rank = subspace_rank(grad_matrix.shape, group["density"])
+        d = min(shape)
+        rank = subspace_rank(shape, group["density"])
+        device = local_tensor(grad).device
         if mode == _BASIS and group["projection"] == "svd":
+            a = short_side_first(as_matrix(grad.full_tensor() if shards else grad))
             # A NaN/Inf gradient element must not break the SVD (it would not converge and leave no basis).
             state["basis"] = svd_basis(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0), rank)
+            if shards:
+                shards.broadcast_(state["basis"])
         elif mode == _BASIS:
-            state["basis"] = random_basis(d, rank, seeded_generator(group["seed"], index, refresh), a.device)
+            state["basis"] = random_basis(d, rank, seeded_generator(group["seed"], index, refresh), device)
         elif mode == _INDICES:
-            state["indices"] = random_indices(d, rank, seeded_generator(group["seed"], index, refresh), a.device)
+            state["indices"] = random_indices(d, rank, seeded_generator(group["seed"], index, refresh), device)
         # The whole space never changes, so its moments stay valid; a weight without a subspace keeps none.
         if mode == _FREE or (group["reset_state"] and mode != _WHOLE):
             state["inner"].clear()
 
     def _prepare(self, param, group, group_index, index, position):
-        """Before the inner step: refresh if due, split the gradient, load the handle with coordinates."""
+        """Before the inner step: refresh if due, split the gradient, load the handle with coordinates.
+
+        Everything works on this rank's rows (all of them without FSDP2) in the ``(d, long)`` orientation of
+        the whole weight: a tall weight (more rows than columns) is sharded along ``long``, so its coordinates
+        ``basis @ a`` are rows of the same shard; a wide one is sharded along ``d``, so ``basis @ a`` is a sum
+        over ranks (one all-reduce), and each rank hands the inner optimizer its own columns of it."""
         state = self.state[param]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
@@ -337,34 +345,69 @@ class Frugal(Optimizer):
         refresh = (step - 1) // int(group["update_gap"])
         handle = self._handles[param]
         self._link_inner_state(param, handle)
-        grad_matrix = as_matrix(param.grad)
-        mode = self._mode(param, group, group_index, position, refresh)
+        shards = RowShards(param) if is_dtensor(param) else None
+        shape = matrix_shape(param.shape)
+        tall = shape[0] > shape[1]
+        mode = self._mode(shape, group, group_index, position, refresh)
         if (step - 1) % int(group["update_gap"]) == 0:
-            self._refresh(state, group, grad_matrix, mode, index, refresh)
+            self._refresh(state, group, param.grad, shape, mode, index, refresh, shards)
 
-        coordinates = rest = None
-        if mode == _FREE and group["state_free"] != "none":
-            rest = short_side_first(grad_matrix).to(torch.float32, copy=True)  # updated in place later
-        elif mode == _WHOLE:
-            coordinates = param.grad.float()
-        elif mode != _FREE:
-            a = short_side_first(grad_matrix).float()  # (d, long)
-            if mode == _BASIS:
-                coordinates = state["basis"] @ a  # (rank, long)
-                rest = residual(a, state["basis"], coordinates)
+        local_grad = local_tensor(param.grad)
+        coordinates = rest = finite = local_indices = None
+        if mode == _WHOLE:
+            coordinates = local_grad.float()  # the inner optimizer skips non-finite elements itself (AdamW8bit)
+        elif mode == _FREE and group["state_free"] == "none":
+            pass
+        else:
+            # Non-finite gradient elements are left out (zero) and their weights not updated, as AdamW8bit
+            # does: through the projection one Inf would otherwise spread over a whole row or column.
+            a = as_matrix(local_grad).float()
+            a = a.T if tall else a  # (d, long) or a shard of it
+            finite = torch.isfinite(a)
+            a = torch.where(finite, a, 0.0)
+            if mode == _FREE:
+                rest = a
+            elif mode == _BASIS:
+                basis = state["basis"] if shards is None or tall else state["basis"][:, shards.start:shards.stop]
+                coordinates = basis @ a  # (rank, long)
+                if shards is None:
+                    rest = residual(a, state["basis"], coordinates)
+                else:
+                    if not tall:
+                        coordinates = shards.all_reduce_(coordinates)
+                    rest = residual(a, basis, coordinates, shards.all_reduce_, shape)
+                    if not tall:
+                        coordinates = coordinates[:, shards.column_slice(shape[1])]
             else:
-                coordinates = a[state["indices"]]  # (rank, long)
-                rest = a.index_fill(0, state["indices"], 0.0)
+                local_indices = state["indices"]
+                if shards is not None and not tall:  # the chosen rows that lie in this rank's shard
+                    mine = (local_indices >= shards.start) & (local_indices < shards.stop)
+                    local_indices = local_indices[mine] - shards.start
+                coordinates = a[local_indices]  # (rank, long)
+                rest = a.index_fill(0, local_indices, 0.0)
         if coordinates is not None:
+            if shards is not None:
+                self._agree_on_state_layout(param, handle, group_index, mode, shape, group["density"])
             handle.data = torch.zeros_like(coordinates)
             handle.grad = coordinates
-        return param, group, state, mode, rest
+        return param, group, state, mode, rest, finite, local_indices, shards, shape
 
-    def _finish(self, param, group, state, mode, rest) -> None:
+    def _agree_on_state_layout(self, param, handle, group_index, mode, shape, density) -> None:
+        """Under FSDP2 the handle holds one rank's part of the coordinates; an inner optimizer that picks
+        8-bit or 32-bit state by size (``min_8bit_size``) must pick by the whole, so all ranks agree."""
+        options = {**self._inner.param_groups[2 * group_index + 1], **overrides_of(param)}
+        threshold = options.get("min_8bit_size")
+        if threshold is None:
+            return
+        whole = shape[0] * shape[1] if mode == _WHOLE else subspace_rank(shape, density) * max(shape)
+        override(handle, min_8bit_size=0 if whole >= threshold else whole + 1)
+
+    def _finish(self, param, group, state, mode, rest, finite, local_indices, shards, shape) -> None:
         """After the inner step: map the state-full update back, add the state-free one, apply both."""
         handle = self._handles[param]
         lr = group["lr"]
-        update = None  # in the (d, long) orientation, except for mode _WHOLE (the parameter's shape)
+        tall = shape[0] > shape[1]
+        update = None  # in the (d, long) orientation, except for mode _WHOLE (the parameter's local shape)
         if rest is not None and group["state_free"] != "none":
             free_lr = lr * group["state_free_lr_scale"]
             update = rest.sign_() if group["state_free"] == "signsgd" else rest
@@ -372,21 +415,28 @@ class Frugal(Optimizer):
         if mode == _WHOLE:
             update = handle.data
         elif mode == _BASIS:
-            mapped = state["basis"].T @ handle.data
+            if shards is None:
+                mapped = state["basis"].T @ handle.data
+            elif tall:
+                mapped = state["basis"].T @ handle.data
+            else:  # every rank's columns of the update, then this rank's rows of basis^T @ update
+                mapped = state["basis"][:, shards.start:shards.stop].T @ shards.gather_columns(handle.data, shape[1])
             update = mapped if update is None else update.add_(mapped)
         elif mode == _INDICES:
             if update is None:
                 update = torch.zeros_like(rest)
-            update.index_add_(0, state["indices"], handle.data)
-        handle.data = torch.empty(0, dtype=torch.float32, device=param.device)
+            update.index_add_(0, local_indices, handle.data)
+        handle.data = torch.empty(0, dtype=torch.float32, device=handle.device)
         handle.grad = None
 
+        local_param = local_tensor(param)
         if group["weight_decay"]:
-            param.mul_(1 - lr * group["weight_decay"])
+            local_param.mul_(1 - lr * group["weight_decay"])
         if update is not None:
             if mode != _WHOLE:
-                update = from_short_side_first(update, as_matrix(param).shape)
-            param.add_(update.reshape(param.shape))
+                update = update.masked_fill_(~finite, 0.0)
+                update = update.T if tall else update
+            local_param.add_(update.reshape(local_param.shape))
 
     # --- state ----------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

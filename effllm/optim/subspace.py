@@ -21,6 +21,9 @@ random choices come from generators seeded by (seed, parameter, refresh), so the
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 PROJECTIONS = ("svd", "random", "columns", "blocks")
@@ -56,10 +59,16 @@ def seeded_generator(seed: int, param_index: int, refresh_index: int) -> torch.G
     return generator
 
 
-def rounding_tolerance(a: torch.Tensor) -> float:
+def matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """The ``(rows, columns)`` of ``as_matrix`` for a tensor of ``shape`` (a DTensor's global shape too)."""
+    rows = shape[0]
+    return rows, (math.prod(shape) // rows if rows else math.prod(shape[1:]))
+
+
+def rounding_tolerance(a: torch.Tensor, shape: tuple[int, ...] | None = None) -> float:
     """Relative size below which a part of ``a`` is indistinguishable from float32 rounding: numpy's
-    ``matrix_rank`` tolerance, ``max(shape) * eps``."""
-    return max(a.shape) * torch.finfo(torch.float32).eps
+    ``matrix_rank`` tolerance, ``max(shape) * eps`` (``shape``: the whole matrix's, when ``a`` is a shard)."""
+    return max(shape or a.shape) * torch.finfo(torch.float32).eps
 
 
 def svd_basis(a: torch.Tensor, rank: int) -> torch.Tensor:
@@ -76,11 +85,21 @@ def svd_basis(a: torch.Tensor, rank: int) -> torch.Tensor:
     return basis.mul_(significant[:, None])  # a mask, not a Python branch: no device synchronisation
 
 
-def residual(a: torch.Tensor, basis: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+def residual(a: torch.Tensor, basis: torch.Tensor, coordinates: torch.Tensor,
+             sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             full_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """``a - basis^T @ coordinates``: the part of ``a`` outside the subspace; exactly zero when it is at
-    rounding level (``a`` lies in the subspace), since its signs would be noise that signSGD makes full steps."""
+    rounding level (``a`` lies in the subspace), since its signs would be noise that signSGD makes full steps.
+
+    When ``a`` is one shard of a matrix of ``full_shape``, ``sum_over_shards`` (an all-reduce) makes the
+    norms those of the whole matrix, so every rank decides alike and as one process would.
+    """
     rest = a - basis.T @ coordinates
-    significant = torch.linalg.vector_norm(rest) > torch.linalg.vector_norm(a) * rounding_tolerance(a)
+    if sum_over_shards is None:
+        significant = torch.linalg.vector_norm(rest) > torch.linalg.vector_norm(a) * rounding_tolerance(a)
+    else:
+        squares = sum_over_shards(torch.stack([rest.square().sum(), a.square().sum()]))
+        significant = squares[0].sqrt() > squares[1].sqrt() * rounding_tolerance(a, full_shape)
     return rest.mul_(significant)  # a mask, not a Python branch: no device synchronisation
 
 
