@@ -242,8 +242,8 @@ def markdown(results: dict) -> str:
         "",
         f"Llama, {s['num_layers']} blocks, hidden {s['hidden_size']}, {results['parameters']:,} parameters, byte "
         f"tokens of the shared corpus; {s['steps']} steps of {s['batch_size']} x {s['seq_len']}, lr {s['lr']:g} "
-        f"(GaLore-style {s['galore_lr']:g}), no schedule, no clipping; Frugal: SVD subspace (unless blocks), update gap "
-        f"{s['update_gap']}, signSGD; validation on {s['valid_batches']} batches of valid.txt.",
+        f"(GaLore-style {s['galore_lr']:g}), no schedule, no clipping; Frugal: SVD subspace (unless blocks), "
+        f"update gap {s['update_gap']}, signSGD; validation on {s['valid_batches']} batches of valid.txt.",
         "",
         table,
         "",
