@@ -11,7 +11,9 @@ interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 from pathlib import Path
 
 from effllm.bench import harness
@@ -25,14 +27,16 @@ PLOT = ROOT / "docs" / "ptq_bits.png"
 
 def markdown(rows: list[dict], info: dict, command: str) -> str:
     seqlens = sorted({k for row in rows for k in row if k.startswith("ppl@")}, key=lambda k: int(k[4:]))
-    header = ["setting", "method", "bits/weight", *seqlens, "quantize s", "peak RSS GB"]
+    header = ["setting", "method", "bits/weight", *seqlens, "quantize s", "peak RSS GB", "measured (load avg)"]
     body = [[r["setting"], r["method"], f"{r['bits_per_weight']:.3f}",
-             *(f"{r[k]:.2f}" if k in r else "" for k in seqlens), r["seconds"], r.get("peak_rss_gb", "")]
+             *(f"{r[k]:.2f}" if k in r else "" for k in seqlens), r["seconds"], r.get("peak_rss_gb", ""),
+             f"{r.get('measured', '')} ({r.get('load_average', '')})"]
             for r in rows]
     return "\n".join([
         "## Post-training quantization: SmolLM2-135M perplexity",
         "",
-        f"`{command}` on {harness.machine_line(info)}. Perplexity on the first characters of "
+        f"`{command}` (rows may come from several `--resume` runs: see when each was measured and the "
+        f"CPU's load average then) on {harness.machine_line(info)}. Perplexity on the first characters of "
         "`../shared/corpus/test.txt` (non-overlapping windows); calibration from the train split. "
         "bits/weight counts packed codes, scales and zeros of the quantized linears.",
         "",
@@ -66,6 +70,29 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# Config fields that change what a row means; the settings and methods only choose which rows to measure.
+_ROW_DEFINING = ("model", "calib", "nsamples", "calib_seqlen", "eval_text", "eval_max_chars", "eval_seqlens",
+                 "method_options")
+
+
+def row_order(row: dict) -> tuple[int, int]:
+    """fp32 first, then settings and methods in their declared order."""
+    settings, methods = ["fp32", *SETTINGS], ["fp32", *METHODS]
+    return settings.index(row["setting"]), methods.index(row["method"])
+
+
+def previous_rows(config) -> list[dict]:
+    """Rows of the last results file measured with the same row-defining configuration, else none."""
+    if not RESULTS.exists():
+        return []
+    saved = json.loads(RESULTS.read_text())
+    current = json.loads(json.dumps(config.__dict__))  # tuples as lists, as they were saved
+    if any(saved.get("config", {}).get(key) != current[key] for key in _ROW_DEFINING):
+        print(f"--resume: {RESULTS} was measured with another configuration; measuring everything again")
+        return []
+    return saved["rows"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -75,6 +102,9 @@ def main() -> None:
     parser.add_argument("--eval-seqlens", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--max-chars", type=int, default=150_000)
     parser.add_argument("--cbq-option", action="append", default=[], help="KEY=VALUE for CBQConfig")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of benchmarks/results/ptq.json measured with the same configuration "
+                             "(model, calibration, evaluation, method options) and measure only the others")
     args = parser.parse_args()
     import yaml
 
@@ -86,16 +116,20 @@ def main() -> None:
     info = harness.machine()
     command = "python benchmarks/bench_ptq.py " + " ".join(
         [f"--settings {' '.join(repr(s) for s in args.settings)}", f"--methods {' '.join(args.methods)}"])
-    rows: list[dict] = []
+    rows = previous_rows(config) if args.resume else []
 
     def save(row: dict) -> None:
-        rows.append(row)
+        # Rows may come from several runs (--resume): each says when it was measured and how busy the CPU was.
+        row.update(measured=datetime.datetime.now().isoformat(timespec="minutes"),
+                   load_average=round(os.getloadavg()[0], 2))
+        rows[:] = sorted([r for r in rows if (r["method"], r["setting"]) != (row["method"], row["setting"])] + [row],
+                         key=row_order)
         print(json.dumps(row), flush=True)
         harness.write_json(RESULTS, {"machine": info, "config": config.__dict__, "rows": rows})
         harness.update_markdown_section(DOC, "ptq", markdown(rows, info, command))
         plot(rows, PLOT)
 
-    run(config, progress=True, on_row=save)
+    run(config, progress=True, on_row=save, done=frozenset((r["method"], r["setting"]) for r in rows))
 
 
 if __name__ == "__main__":

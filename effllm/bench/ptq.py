@@ -81,7 +81,9 @@ class PTQBenchConfig:
     method_options: dict = field(default_factory=dict)  # method -> options
 
 
-def run(config: PTQBenchConfig, progress: bool = True, on_row=None) -> list[dict]:
+def run(config: PTQBenchConfig, progress: bool = True, on_row=None, done: frozenset = frozenset()) -> list[dict]:
+    """Measure every (method, setting) of ``config`` not in ``done`` (pairs ``(method, setting)``; the fp32
+    row is ``("fp32", "fp32")``), calling ``on_row`` with each row as soon as it is measured."""
     from effllm.eval.perplexity import load_eval_text, perplexity
     from effllm.model_loading import ModelRef, load_causal_lm, load_tokenizer
     from effllm.ptq.calibration import calibration_ids
@@ -102,11 +104,15 @@ def run(config: PTQBenchConfig, progress: bool = True, on_row=None) -> list[dict
                 out[f"ppl@{seqlen}"] = perplexity(model, eval_ids, seqlen, progress=False).perplexity
         return out
 
-    rows = [dict(method="fp32", setting="fp32", bits_per_weight=32.0, seconds=0.0, **evaluate(base))]
-    if on_row:
-        on_row(rows[-1])
+    rows = []
+    if ("fp32", "fp32") not in done:
+        rows.append(dict(method="fp32", setting="fp32", bits_per_weight=32.0, seconds=0.0, **evaluate(base)))
+        if on_row:
+            on_row(rows[-1])
     for setting in config.settings:
         for method in config.methods:
+            if (method, setting) in done:
+                continue
             options = dict(config.method_options.get(method, {}))
             ptq = PTQConfig(method=method, calib=config.calib, nsamples=config.nsamples,
                             seqlen=config.calib_seqlen, method_options=options, **SETTINGS[setting])
