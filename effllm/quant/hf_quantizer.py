@@ -9,7 +9,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .hf_registration import QUANT_METHOD
+from .hf_registration import QUANT_METHOD, register
 from .quant_linear import QuantLinear
 from .weight_quant import WeightQuantSpec
 
@@ -80,3 +80,8 @@ class EffllmHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+# Importing this module may be what imported transformers' registry (whose hook could not register a
+# half-defined module): register now that everything above exists.
+register()

@@ -13,6 +13,7 @@ import sys
 
 QUANT_METHOD = "effllm"
 _REGISTRY_MODULE = "transformers.quantizers.auto"
+_QUANTIZER_MODULE = "effllm.quant.hf_quantizer"
 _registered = False
 
 
@@ -20,6 +21,11 @@ def register() -> None:
     """Register effllm's quantization config and quantizer with transformers (idempotent)."""
     global _registered
     if _registered:
+        return
+    quantizer_module = sys.modules.get(_QUANTIZER_MODULE)
+    if quantizer_module is not None and not hasattr(quantizer_module, "EffllmHfQuantizer"):
+        # Our quantizer module is half-imported: importing it imported transformers' registry, whose hook
+        # brought us here. That module calls register() itself once it is complete.
         return
     _registered = True
     from transformers.quantizers.auto import (

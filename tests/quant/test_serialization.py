@@ -81,3 +81,16 @@ def test_import_effllm_is_lean():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("first_import",
+                         ["effllm.ptq.quantize", "effllm.quant.hf_quantizer", "effllm.quant.serialization"])
+def test_any_effllm_module_can_be_imported_first_and_registers(first_import):
+    # Importing our quantizer module imports transformers' registry, whose post-import hook must not try to
+    # register the half-imported module (it once raised a circular ImportError in a fresh process).
+    code = (f"import {first_import}\n"
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+            "print('effllm' in AUTO_QUANTIZER_MAPPING)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"
