@@ -480,3 +480,32 @@ def test_nan_gradient_on_a_refresh_step_keeps_a_usable_subspace():
         optimizer.step()
     assert "basis" in optimizer.state[weight] and torch.isfinite(optimizer.state[weight]["basis"]).all()
     assert torch.isfinite(weight).all()
+
+
+@pytest.mark.parametrize("state_free", ["sgd", "signsgd"])
+@pytest.mark.parametrize("projection", ["svd", "random", "columns", "blocks"])
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)], ids=["wide", "tall"])
+def test_non_finite_gradient_elements_are_skipped_without_spreading(projection, state_free, shape):
+    """An Inf or NaN gradient element leaves its weight element as it was (as AdamW8bit does) and changes
+    nothing else: the other elements move exactly as if that gradient element were zero."""
+    bad = [(2, 5), (7, 3)]
+    grads = make_grads(shape, 2)
+    for grad in grads:  # the first step also refreshes the subspace
+        grad[bad[0]], grad[bad[1]] = float("inf"), float("nan")
+    zeroed = [torch.nan_to_num(grad, nan=0.0, posinf=0.0) for grad in grads]
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    moved = {}
+    for name, sequence in (("bad", grads), ("zeroed", zeroed)):
+        param = nn.Parameter(start.clone())
+        # blocks: density 1 keeps the single weight active, the gradient going to the inner optimizer whole
+        density = 1.0 if projection == "blocks" else 0.25
+        optimizer = Frugal([param], lr=LR, density=density, projection=projection, state_free=state_free,
+                           inner="adamw8bit", inner_kwargs={"min_8bit_size": 0})
+        run_on_grads(param, optimizer, sequence)
+        moved[name] = param.detach().clone()
+    others = torch.ones(shape, dtype=torch.bool)
+    for index in bad:
+        others[index] = False
+        assert moved["bad"][index] == start[index]
+    assert torch.isfinite(moved["bad"]).all()
+    assert torch.equal(moved["bad"][others], moved["zeroed"][others])
