@@ -1,7 +1,8 @@
 """BCT: blockwise compression of every component of a transformer, without retraining (docs/bct.md).
 
-``compress(model, BCTConfig(...))`` patches a Hugging Face encoder in place; ``save_compressed`` writes a folder
-that ``effllm.load`` reads back; ``compression_report`` counts the bytes really held.
+``compress(model, BCTConfig(...))`` patches a Hugging Face encoder or Llama-family decoder in place;
+``save_compressed`` writes a folder that ``effllm.load`` reads back; ``compression_report`` counts the bytes
+really held.
 """
 
 from .compress import SUPPORTED_MODEL_TYPES, compress, save_compressed

@@ -1,10 +1,12 @@
 """Attention scores and probabilities on quantized data, through transformers' attention interface.
 
-Transformers 5 encoders (BERT, RoBERTa, DistilBERT) compute ``softmax(q k^T * scaling + mask) v`` in a function
-looked up by ``config._attn_implementation``. BCT registers its own under ``ATTN_IMPLEMENTATION`` (a new name in
-transformers' public ``AttentionInterface`` and ``AttentionMaskInterface`` registries, with eager's additive
-masks; no existing entry changes), sets that name on the compressed model's config only, and attaches a
-``BCTAttentionOps`` to each self-attention module; the registered function finds it as ``module.bct_ops``.
+Transformers 5 encoders (BERT, RoBERTa, DistilBERT) and decoders (Llama family) compute
+``softmax(q k^T * scaling + mask) v`` in a function looked up by ``config._attn_implementation`` (decoders after
+the rotary embedding, with a causal mask and possibly fewer key/value heads than query heads). BCT registers its
+own under ``ATTN_IMPLEMENTATION`` (a new name in transformers' public ``AttentionInterface`` and
+``AttentionMaskInterface`` registries, with eager's additive masks; no existing entry changes), sets that name on
+the compressed model's config only, and attaches a ``BCTAttentionOps`` to each attention module; the registered
+function finds it as ``module.bct_ops``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class BCTAttentionOps(nn.Module):
         self.softmax = TableSoftmax(config.softmax) if config.softmax.bits is not None else None
 
     def probabilities(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None:
+            # Masked scores (padding, future tokens) are zeroed before quantizing, so they never set a block's
+            # scale: a causal decoder's position t then depends on no later token, exactly
+            scores = scores.masked_fill(mask < 0, 0.0)
         scores = self.scores_quant(scores)
         if mask is not None:
             scores = scores + mask  # the mask is not data: it only sends masked positions below the table
@@ -48,6 +54,8 @@ def bct_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
                            f"{ATTN_IMPLEMENTATION!r} only runs on models prepared by effllm's BCT compress()")
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    groups = getattr(module, "num_key_value_groups", 1)  # grouped-query attention: each kv head serves `groups`
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling  # [b, h, q, k]
     if attention_mask is not None:
         attention_mask = attention_mask[..., : key.shape[-2]]
@@ -55,6 +63,13 @@ def bct_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value.float()).to(value.dtype).transpose(1, 2).contiguous()
     return output, probs
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, kv_heads, s, d] -> [b, kv_heads * groups, s, d], each head repeated ``groups`` times in place."""
+    if groups == 1:
+        return states
+    return states.repeat_interleave(groups, dim=1)
 
 
 _registered = False

@@ -1,4 +1,5 @@
-"""The compressed layers that replace a model's own: linear, embedding and LayerNorm.
+"""The compressed layers that replace a model's own: linear (and a head tied to an embedding), embedding,
+LayerNorm and RMSNorm.
 
 Each stores its weight as a ``PackedTensor`` (the weight is never kept in floating point; it is decoded for the
 matmul, which is what a dequantize-on-the-fly kernel does), quantizes its input and output blockwise, and has a
@@ -43,13 +44,64 @@ class BCTLinear(nn.Module):
         self.input_quant = ActivationQuantizer(act_spec)
         self.output_quant = ActivationQuantizer(act_spec)
 
+    def decoded_weight(self) -> torch.Tensor:
+        return _decoded(self.weight_packed)
+
+    def decoded_bias(self) -> torch.Tensor | None:
+        return _decoded(self.bias_packed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = _decoded(self.weight_packed)
-        y = nn.functional.linear(self.input_quant(x).float(), weight, _decoded(self.bias_packed))
+        y = nn.functional.linear(self.input_quant(x).float(), self.decoded_weight(), self.decoded_bias())
         return self.output_quant(y).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class BCTTiedLinear(BCTLinear):
+    """An output head whose weight is an input embedding's table (tied word embeddings, MLM decoders).
+
+    It reads the embedding's packed table instead of holding a copy: the model keeps one packed tensor, and the
+    saved folder one set of codes. The embedding is referenced, not registered as a child, so the state dict
+    (and the compression report) holds it once, under the embedding. The bias is stored here, unless another
+    module's parameter *is* it (``bias_alias``: BERT's ``predictions.bias``): then that parameter is read.
+    """
+
+    def __init__(self, linear: nn.Linear, embedding: BCTEmbedding, bias_spec: StoredSpec,
+                 act_spec: ActivationSpec, shell: bool = False, bias_alias: tuple[nn.Module, str] | None = None):
+        nn.Module.__init__(self)
+        if (embedding.num_embeddings, embedding.embedding_dim) != (linear.out_features, linear.in_features):
+            raise ValueError(f"a tied head of shape {(linear.out_features, linear.in_features)} cannot read an "
+                             f"embedding table of shape {(embedding.num_embeddings, embedding.embedding_dim)}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # tuples: nn.Module registers modules, not tuples of them (no second copy in the state dict)
+        self._embedding = (embedding,)
+        self._bias_alias = bias_alias
+        self.bias_packed = None if bias_alias else _stored_or_float(linear.bias, bias_spec, shell)
+        self.input_quant = ActivationQuantizer(act_spec)
+        self.output_quant = ActivationQuantizer(act_spec)
+
+    @property
+    def embedding(self) -> BCTEmbedding:
+        return self._embedding[0]
+
+    def aliased_bias(self) -> torch.Tensor | None:
+        """The other module's parameter this head reads as its bias, if any (read at call time: loading may
+        replace the parameter object)."""
+        if self._bias_alias is None:
+            return None
+        owner, attribute = self._bias_alias
+        return getattr(owner, attribute)
+
+    def decoded_weight(self) -> torch.Tensor:
+        return _decoded(self.embedding.weight_packed)
+
+    def decoded_bias(self) -> torch.Tensor | None:
+        alias = self.aliased_bias()
+        return alias.float() if alias is not None else super().decoded_bias()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tied to the input embedding"
 
 
 class BCTEmbedding(nn.Module):
@@ -98,3 +150,25 @@ class BCTLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class BCTRMSNorm(nn.Module):
+    """Llama-style RMSNorm (``weight * x / sqrt(mean(x^2) + eps)``) on a blockwise-quantized input with a
+    blockwise-quantized output; the mean square is exact over the decoded input, as in ``BCTLayerNorm``."""
+
+    def __init__(self, norm: nn.Module, param_spec: StoredSpec, residual_spec: ActivationSpec,
+                 output_spec: ActivationSpec, shell: bool = False):
+        super().__init__()
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        self.hidden_size = norm.weight.shape[-1]
+        self.weight_packed = _stored_or_float(norm.weight, param_spec, shell)
+        self.input_quant = ActivationQuantizer(residual_spec)
+        self.output_quant = ActivationQuantizer(output_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = self.input_quant(x).float()
+        y = xq * torch.rsqrt(xq.square().mean(-1, keepdim=True) + self.eps) * _decoded(self.weight_packed)
+        return self.output_quant(y).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"

@@ -1,7 +1,7 @@
 """Compression report: bytes and bits per element of each stored component, from the tensors really held.
 
 Every persistent tensor of the model (what ``save_pretrained`` writes) is counted once, in the component it
-belongs to: ``embeddings``, ``linear_weights``, ``biases`` (biases and LayerNorm parameters, packed or float),
+belongs to: ``embeddings``, ``linear_weights``, ``biases`` (biases and LayerNorm/RMSNorm parameters, packed or float),
 and ``other`` (anything BCT left alone). A packed tensor's bytes are its codes plus its scales (and second-level
 scales and map): the scale overhead is reported separately. The baselines are the same elements in fp32 and fp16.
 """
@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .layers import BCTEmbedding, BCTLayerNorm, BCTLinear
+from .layers import BCTEmbedding, BCTLayerNorm, BCTLinear, BCTRMSNorm, BCTTiedLinear
 from .packed_tensor import PackedTensor
 
 FP32_BYTES, FP16_BYTES = 4, 2
@@ -24,7 +24,7 @@ def _component_of(owner: nn.Module, attribute: str) -> str:
         return "embeddings"
     if isinstance(owner, BCTLinear) and attribute == "weight_packed":
         return "linear_weights"
-    if isinstance(owner, (BCTLinear, BCTLayerNorm)):
+    if isinstance(owner, (BCTLinear, BCTLayerNorm, BCTRMSNorm)):
         return "biases"
     return "other"
 
@@ -51,6 +51,8 @@ def compression_report(model: nn.Module) -> dict:
             row["scale_bytes"] += module.nbytes() - _tensor_bytes(module.codes)
             row["bytes"] += module.nbytes()
             seen.update(id(tensor) for tensor in [*module.parameters(), *module.buffers()])
+    # a tied head's bias may be another module's parameter (BERT's predictions.bias): still a bias
+    aliased = {id(m.aliased_bias()) for m in model.modules() if isinstance(m, BCTTiedLinear)}
     for module in model.modules():
         if isinstance(module, PackedTensor):
             continue
@@ -60,7 +62,8 @@ def compression_report(model: nn.Module) -> dict:
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            component = "biases" if isinstance(module, (BCTLinear, BCTLayerNorm)) else "other"
+            is_bias = isinstance(module, (BCTLinear, BCTLayerNorm, BCTRMSNorm)) or id(tensor) in aliased
+            component = "biases" if is_bias else "other"
             row = rows[component]
             row["elements"] += tensor.numel()
             row["bytes"] += _tensor_bytes(tensor)
