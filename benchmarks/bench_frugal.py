@@ -5,14 +5,18 @@ from the same initial weights on the same batches (8 x 128, lr 1e-3, no schedule
 validation loss every ``--eval-every`` steps. Reported per optimizer: final validation loss, optimizer-state
 bytes (``state_bytes()`` for effllm's optimizers; ``exp_avg`` + ``exp_avg_sq`` for torch's AdamW), and step
 times. On a shared, loaded machine one optimizer's run can meet more load than another's, so the optimizer step
-is also timed after training, round-robin over all optimizers (each on its own trained model and last
-gradient), best of ``TIMING_ROUNDS`` after a warm-up round: the figure to compare. The in-run median of a whole
-step (forward + backward + optimizer) is reported too.
+is also timed after training, round-robin over all optimizers (each on a fresh model with one gradient), best
+of ``TIMING_ROUNDS`` after a warm-up round: the figure to compare. The in-run median of a whole step (forward +
+backward + optimizer) is reported too, with the load average when each run started.
+
+Each finished run is saved to ``--progress`` (benchmarks/results/frugal.progress.json) until all are done;
+rerunning the same command after an interruption resumes there (the same settings are required).
 
 The GaLore-style baseline is the FRUGAL reference's own GaLore setting: SVD subspace of density 0.25, no
 state-free update, moments kept across refreshes, lr 1e-2 with the low-rank update scaled by 0.25.
 
-    nice -n 5 python benchmarks/bench_frugal.py         # the issue's 300 steps: ~1 hour on a loaded 2-core CPU
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_frugal.py   # the issue's 300 steps: 1-3 hours on a
+                                                                     # shared 2-core CPU, depending on its load
     python benchmarks/bench_frugal.py --steps 20 --only AdamW --no-docs   # a quick look
 
 Writes benchmarks/results/frugal.json (curves included, so the plot can be redrawn), docs/frugal_curves.png and
@@ -23,6 +27,7 @@ measured them with the same model, data and settings) and the targets of issue 6
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -43,6 +48,7 @@ DEFAULT_SHARED = Path(os.environ.get("EFFLLM_SHARED", REPO.parent / "shared"))
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "frugal.json"
 DEFAULT_PNG = REPO / "docs" / "frugal_curves.png"
 DEFAULT_DOC = REPO / "docs" / "benchmarks.md"
+DEFAULT_PROGRESS = REPO / "benchmarks" / "results" / "frugal.progress.json"
 
 ADAMW = "AdamW"
 GALORE = "GaLore-style (SVD ρ=0.25, no state-free, lr 1e-2)"
@@ -93,15 +99,16 @@ class Settings:
 def candidates(s: Settings) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
     """Label -> factory(model). No weight decay anywhere (the reference's default)."""
     frugal = dict(lr=s.lr, update_gap=s.update_gap, projection="svd", seed=s.seed)
+    # In this order (the issue's main comparisons first), so that an interrupted run already holds them.
     return {
         ADAMW: lambda m: torch.optim.AdamW(m.parameters(), lr=s.lr, weight_decay=0.0),
-        "AdamW8bit": lambda m: AdamW8bit(m.parameters(), lr=s.lr, weight_decay=0.0),
+        FRUGAL_025: lambda m: Frugal(m, density=s.density, inner="adamw", **frugal),
         GALORE: lambda m: Frugal(m, lr=s.galore_lr, density=s.density, projection="svd", update_gap=s.update_gap,
                                  state_free="none", reset_state=False, state_full_lr_scale=s.galore_scale),
-        FRUGAL_025: lambda m: Frugal(m, density=s.density, inner="adamw", **frugal),
         FRUGAL_025_8BIT: lambda m: Frugal(m, density=s.density, inner="adamw8bit", **frugal),
-        FRUGAL_BLOCKS: lambda m: Frugal(m, density=s.density, inner="adamw", **{**frugal, "projection": "blocks"}),
         FRUGAL_0: lambda m: Frugal(m, density=0.0, inner="adamw", **frugal),
+        FRUGAL_BLOCKS: lambda m: Frugal(m, density=s.density, inner="adamw", **{**frugal, "projection": "blocks"}),
+        "AdamW8bit": lambda m: AdamW8bit(m.parameters(), lr=s.lr, weight_decay=0.0),
         "Frugal ρ=0, inner AdamW8bit": lambda m: Frugal(m, density=0.0, inner="adamw8bit", **frugal),
     }
 
@@ -115,7 +122,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: list[torch.Tensor],
-              initial_valid: float) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
+              initial_valid: float) -> dict:
+    load_at_start = machine().get("load_average_1m")
     model = build_tiny_llama(s.model_config(), seed=s.seed)
     optimizer = make_optimizer(model)
     curve = [(0, initial_valid)]
@@ -136,25 +144,31 @@ def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: li
         if step % s.eval_every == 0 or step == s.steps:
             curve.append((step, evaluate_loss(model, valid)))
             print(f"  step {step:4d}  train {losses[-1]:.4f}  valid {curve[-1][1]:.4f}", flush=True)
-    # keep the last gradient: the optimizer-step timing after all runs steps on it
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
     return {
         "final_valid_loss": curve[-1][1],
         "state_bytes": state_bytes(optimizer),
         "step_s_median": statistics.median(step_seconds),
         "optimizer_step_ms_median": statistics.median(optimizer_seconds) * 1e3,
+        "load_average_1m_at_start": load_at_start,
         "valid_curve": curve,
         "train_losses": losses,
-    }, model, optimizer
+    }
 
 
-def time_optimizer_steps(trained: dict, rounds: int = TIMING_ROUNDS) -> dict[str, float]:
-    """Best optimizer-step milliseconds per label, the optimizers taking turns (so load hits all alike). The
-    warm-up round takes any subspace refresh that falls due (one SVD per weight every update_gap steps)."""
-    best = {label: float("inf") for label in trained}
+def time_optimizer_steps(s: Settings, labels: list[str], batch: torch.Tensor,
+                         rounds: int = TIMING_ROUNDS) -> dict[str, float]:
+    """Best optimizer-step milliseconds per label, the optimizers taking turns (so load hits all alike), each
+    on a fresh model with one gradient. The warm-up round takes the first step's subspace choice (one SVD per
+    weight, as every update_gap steps); the timed ones are the steps in between."""
+    factories = candidates(s)
+    prepared = {}
+    for label in labels:
+        model = build_tiny_llama(s.model_config(), seed=s.seed)
+        model(input_ids=batch, labels=batch).loss.backward()
+        prepared[label] = factories[label](model)
+    best = {label: float("inf") for label in labels}
     for round_index in range(rounds + 1):
-        for label, (_, optimizer) in trained.items():
+        for label, optimizer in prepared.items():
             started = time.perf_counter()
             optimizer.step()
             elapsed = time.perf_counter() - started
@@ -163,22 +177,35 @@ def time_optimizer_steps(trained: dict, rounds: int = TIMING_ROUNDS) -> dict[str
     return best
 
 
-def run_all(s: Settings, corpus: Path, only: list[str] | None = None) -> dict:
+def run_all(s: Settings, corpus: Path, only: list[str] | None = None, progress: Path | None = None) -> dict:
+    """Train every candidate (or those in ``only``), then time their steps round-robin. With ``progress``,
+    each finished run is saved there (atomically) and runs already saved with the same settings are not
+    repeated: an interrupted benchmark goes on where it stopped."""
     train_tokens = load_bytes(corpus / "train.txt", s.train_bytes)
     valid = sequential_batches(load_bytes(corpus / "valid.txt"), s.batch_size, s.seq_len, s.valid_batches)
     # Every run starts from the same weights, so the step-0 validation loss is measured once.
     initial_valid = evaluate_loss(build_tiny_llama(s.model_config(), seed=s.seed), valid)
     parameters = sum(p.numel() for p in build_tiny_llama(s.model_config(), seed=s.seed).parameters())
-    runs, trained = {}, {}
-    for label, make in candidates(s).items():
-        if only and label not in only:
+    runs = {}
+    if progress is not None and progress.exists():
+        saved = json.loads(progress.read_text(encoding="utf-8"))
+        if saved["settings"] != asdict(s):
+            raise SystemExit(f"{progress} holds runs with other settings: delete it or run with those settings")
+        runs = saved["runs"]
+        print(f"resuming: {', '.join(runs)} already done ({progress})", flush=True)
+    labels = [label for label in candidates(s) if not only or label in only]
+    for label in labels:
+        if label in runs:
             continue
         print(label, flush=True)
-        runs[label], *trained[label] = train_one(make, s, train_tokens, valid, initial_valid)
-        run = runs[label]
+        runs[label] = run = train_one(candidates(s)[label], s, train_tokens, valid, initial_valid)
         print(f"  -> valid {run['final_valid_loss']:.4f}  state {run['state_bytes'] / 1e6:.2f} MB  "
               f"step {run['step_s_median']:.2f} s  optimizer {run['optimizer_step_ms_median']:.1f} ms", flush=True)
-    for label, milliseconds in time_optimizer_steps(trained).items():
+        if progress is not None:
+            write_json(progress, {"settings": asdict(s), "runs": runs})
+    runs = {label: runs[label] for label in labels}
+    timing_batch = next(iter(random_batches(train_tokens, s.batch_size, s.seq_len, 1, seed=s.seed)))
+    for label, milliseconds in time_optimizer_steps(s, labels, timing_batch).items():
         runs[label]["optimizer_step_ms_best"] = milliseconds
     if ADAMW in runs:
         reference = runs[ADAMW]
@@ -306,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="markdown file with the frugal section")
     parser.add_argument("--no-docs", action="store_true", help="write neither the JSON, the PNG nor the doc")
+    parser.add_argument("--progress", type=Path, default=DEFAULT_PROGRESS,
+                        help="finished runs are kept here until the whole benchmark is done; a rerun with the "
+                             "same settings resumes from it")
     args = parser.parse_args(argv)
     settings = Settings(steps=args.steps, eval_every=args.eval_every, update_gap=args.update_gap, seed=args.seed)
-    results = run_all(settings, args.corpus, args.only)
+    progress = None if args.no_docs else args.progress
+    results = run_all(settings, args.corpus, args.only, progress)
     text = markdown(results)
     print(text)
     if args.no_docs:
@@ -317,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         plot(results, args.png)
     update_markdown_section(args.doc, "frugal", text)
+    if not args.only:
+        progress.unlink(missing_ok=True)  # complete: the results file holds everything
     return 0
 
 
