@@ -115,15 +115,15 @@ static inline float block_absmax(const float *restrict x, int64_t n) {
     return bits_float(largest);
 }
 
-/* codes[0:n] = nearest codes of x / absmax(x); returns absmax. An all-zero block divides by 1. */
-static inline float quantize_block(const effllm_code_map *map, const float *restrict x, int64_t n,
+/* codes[0:n] = nearest codes of x / absmax, absmax being the largest |x[i]| (NaN if any is NaN). An all-zero
+ * block divides by 1. */
+static inline void quantize_scaled(const effllm_code_map *map, const float *restrict x, int64_t n, float absmax,
                                    uint8_t *restrict codes) {
-    const float absmax = block_absmax(x, n);
     const float scale = absmax > 0.0f ? absmax : 1.0f;
     int64_t i = 0;
     if (!map->one_boundary_per_cell) {
         for (; i < n; i++) codes[i] = (uint8_t)nearest_code(map, x[i] / scale);
-        return absmax;
+        return;
     }
 #ifdef __AVX2__
     for (; i < n; i += NORMALIZED_CHUNK) {
@@ -132,6 +132,13 @@ static inline float quantize_block(const effllm_code_map *map, const float *rest
     }
 #endif
     for (; i < n; i++) codes[i] = (uint8_t)nearest_code(map, x[i] / scale);
+}
+
+/* codes[0:n] = nearest codes of x / absmax(x); returns absmax. */
+static inline float quantize_block(const effllm_code_map *map, const float *restrict x, int64_t n,
+                                   uint8_t *restrict codes) {
+    const float absmax = block_absmax(x, n);
+    quantize_scaled(map, x, n, absmax, codes);
     return absmax;
 }
 
@@ -141,21 +148,19 @@ static inline void dequantize_codes8(const float *restrict values, const uint8_t
     for (int64_t i = 0; i < n; i++) out[i] = values[codes[i]] * absmax;
 }
 
-/* As dequantize_codes8 for 4-bit codes packed two per byte, low nibble first; element `first` of the
- * packed tensor is out[0]. */
-static inline void dequantize_codes4(const float *restrict values, const uint8_t *restrict packed,
-                                     int64_t first, int64_t n, float absmax, float *restrict out) {
+/* codes[0:n] = elements first .. first+n-1 of a packed 4-bit tensor (two codes per byte, low nibble first). */
+static inline void unpack_codes4(const uint8_t *restrict packed, int64_t first, int64_t n, uint8_t *restrict codes) {
     if ((first & 1) == 0 && (n & 1) == 0) {
         const uint8_t *bytes = packed + first / 2;
         for (int64_t j = 0; j < n / 2; j++) {
-            out[2 * j] = values[bytes[j] & NIBBLE_MASK] * absmax;
-            out[2 * j + 1] = values[bytes[j] >> NIBBLE_BITS] * absmax;
+            codes[2 * j] = bytes[j] & NIBBLE_MASK;
+            codes[2 * j + 1] = bytes[j] >> NIBBLE_BITS;
         }
         return;
     }
     for (int64_t i = 0; i < n; i++) {
-        int64_t e = first + i;
-        out[i] = values[(packed[e / 2] >> ((e & 1) * NIBBLE_BITS)) & NIBBLE_MASK] * absmax;
+        const int64_t e = first + i;
+        codes[i] = (packed[e / 2] >> ((e & 1) * NIBBLE_BITS)) & NIBBLE_MASK;
     }
 }
 

@@ -126,55 +126,88 @@ INLINE element rmsprop_step(element old, float grad, const effllm_hyper *h, cons
 
 typedef element (*step_function)(element, float, const effllm_hyper *, int, int);
 
-/* Applies `step` in place to p, m, v [n] (m or v unused where has_m / has_v is 0). With `skip_nonfinite`,
- * an element whose gradient is NaN or Inf keeps its old values; spans with no such gradient (nearly all)
- * run without that test, which keeps the loop free of conditional stores. */
+/* Applies `step` to p [n] in place and to the states m, v (unused where has_m / has_v is 0). fp32 states
+ * (`coded` 0) are read from and written to m, v [n]; coded states are read as map[codes[i]] * absmax and their
+ * new values written to m, v [n] (scratch), with their largest magnitudes in new_absmax[0:2] for the
+ * requantization. One pass per block: dequantizing, updating and finding the absmax in one loop lets the
+ * table reads overlap the divider's work. An element whose gradient is NaN or Inf keeps its old values
+ * (selected, not branched on, so the loop vectorises). */
 INLINE void update_elements(int64_t n, float *restrict p, const float *restrict g, float *restrict m,
-                            float *restrict v, const effllm_hyper *h, step_function step, const int option1,
-                            const int option2, const int has_m, const int has_v, const int skip_nonfinite) {
+                            const uint8_t *restrict m_codes, const float *restrict m_map, float m_absmax,
+                            float *restrict v, const uint8_t *restrict v_codes, const float *restrict v_map,
+                            float v_absmax, const effllm_hyper *h, step_function step, const int option1,
+                            const int option2, const int has_m, const int has_v, const int coded,
+                            float *restrict new_absmax) {
+    uint32_t largest_m = 0, largest_v = 0; /* magnitudes compared as integers: NaN above Inf, as torch's amax */
     for (int64_t i = 0; i < n; i++) {
-        if (skip_nonfinite && !is_finite(g[i])) continue;
-        const element old = {p[i], has_m ? m[i] : 0.0f, has_v ? v[i] : 0.0f};
-        const element new = step(old, g[i], h, option1, option2);
+        const float grad = g[i];
+        element old = {p[i], 0.0f, 0.0f};
+        if (has_m) old.m = coded ? m_map[m_codes[i]] * m_absmax : m[i];
+        if (has_v) old.v = coded ? v_map[v_codes[i]] * v_absmax : v[i];
+        element new = step(old, grad, h, option1, option2);
+        if (!is_finite(grad)) new = old;
         p[i] = new.p;
-        if (has_m) m[i] = new.m;
-        if (has_v) v[i] = new.v;
+        if (has_m) {
+            m[i] = new.m;
+            const uint32_t magnitude = float_bits(new.m) & FP32_ABS_MASK;
+            largest_m = magnitude > largest_m ? magnitude : largest_m;
+        }
+        if (has_v) {
+            v[i] = new.v;
+            const uint32_t magnitude = float_bits(new.v) & FP32_ABS_MASK;
+            largest_v = magnitude > largest_v ? magnitude : largest_v;
+        }
+    }
+    if (coded) {
+        new_absmax[0] = bits_float(largest_m);
+        new_absmax[1] = bits_float(largest_v);
     }
 }
 
-/* Every (algorithm, options) pair as its own loop. */
-INLINE void update_span_values(int algo, int64_t n, float *p, const float *g, float *m, float *v,
-                               const effllm_hyper *h, const int skip_nonfinite) {
+/* The old values of one state over a span: fp32 values, or codes (one per byte) with the map and absmax. */
+typedef struct {
+    float *values; /* fp32 states: the state itself; coded ones: scratch for the new values */
+    const uint8_t *codes;
+    const float *map;
+    float absmax;
+} state_span;
+
+/* Every (algorithm, options, coded) combination as its own loop. */
+#define UPDATE(step, option1, option2, has_m, has_v, coded)                                                   \
+    update_elements(n, p, g, m.values, m.codes, m.map, m.absmax, v.values, v.codes, v.map, v.absmax, h, step,  \
+                    option1, option2, has_m, has_v, coded, new_absmax)
+
+INLINE void update_span_values(int algo, int64_t n, float *p, const float *g, state_span m, state_span v,
+                               const effllm_hyper *h, const int coded, float *new_absmax) {
     const int l2 = h->has_weight_decay;
     switch (algo) {
     case ALGO_ADAM:
-        if (l2) update_elements(n, p, g, m, v, h, adam_step, 1, 0, 1, 1, skip_nonfinite);
-        else update_elements(n, p, g, m, v, h, adam_step, 0, 0, 1, 1, skip_nonfinite);
+        if (l2) UPDATE(adam_step, 1, 0, 1, 1, coded);
+        else UPDATE(adam_step, 0, 0, 1, 1, coded);
         break;
     case ALGO_ADAMW:
-        if (l2) update_elements(n, p, g, m, v, h, adam_step, 0, 1, 1, 1, skip_nonfinite);
-        else update_elements(n, p, g, m, v, h, adam_step, 0, 0, 1, 1, skip_nonfinite);
+        if (l2) UPDATE(adam_step, 0, 1, 1, 1, coded);
+        else UPDATE(adam_step, 0, 0, 1, 1, coded);
         break;
-    case ALGO_LION: update_elements(n, p, g, m, v, h, lion_step, 0, 0, 1, 0, skip_nonfinite); break;
+    case ALGO_LION: UPDATE(lion_step, 0, 0, 1, 0, coded); break;
     case ALGO_SGD:
-        if (m && l2) update_elements(n, p, g, m, v, h, sgd_step, 1, 1, 1, 0, skip_nonfinite);
-        else if (m) update_elements(n, p, g, m, v, h, sgd_step, 0, 1, 1, 0, skip_nonfinite);
-        else if (l2) update_elements(n, p, g, m, v, h, sgd_step, 1, 0, 0, 0, skip_nonfinite);
-        else update_elements(n, p, g, m, v, h, sgd_step, 0, 0, 0, 0, skip_nonfinite);
+        if (m.values && l2) UPDATE(sgd_step, 1, 1, 1, 0, coded);
+        else if (m.values) UPDATE(sgd_step, 0, 1, 1, 0, coded);
+        else if (l2) UPDATE(sgd_step, 1, 0, 0, 0, coded);
+        else UPDATE(sgd_step, 0, 0, 0, 0, coded);
         break;
     case ALGO_RMSPROP:
-        if (l2) update_elements(n, p, g, m, v, h, rmsprop_step, 1, 0, 0, 1, skip_nonfinite);
-        else update_elements(n, p, g, m, v, h, rmsprop_step, 0, 0, 0, 1, skip_nonfinite);
+        if (l2) UPDATE(rmsprop_step, 1, 0, 0, 1, coded);
+        else UPDATE(rmsprop_step, 0, 0, 0, 1, coded);
         break;
     }
 }
+#undef UPDATE
 
-static void apply_update(int algo, int64_t n, float *p, const float *g, float *m, float *v, const effllm_hyper *h) {
-    /* The largest |g| is finite exactly when every g is (NaN compares above Inf as an integer). */
-    if (is_finite(block_absmax(g, n)))
-        update_span_values(algo, n, p, g, m, v, h, 0);
-    else
-        update_span_values(algo, n, p, g, m, v, h, 1);
+static void apply_update(int algo, int64_t n, float *p, const float *g, state_span m, state_span v,
+                         const effllm_hyper *h, int coded, float *new_absmax) {
+    if (coded) update_span_values(algo, n, p, g, m, v, h, 1, new_absmax);
+    else update_span_values(algo, n, p, g, m, v, h, 0, new_absmax);
 }
 
 typedef struct {
@@ -187,31 +220,44 @@ typedef struct {
 /* Per-thread scratch, each [span]: a span's values stay in L1 between the passes. */
 typedef struct {
     float *param, *grad, *state1, *state2; /* fp32 copies where the tensors hold something else */
-    uint8_t *codes;                        /* 4-bit codes before packing */
+    uint8_t *codes1, *codes2;              /* 4-bit codes, one per byte */
 } scratch_buffers;
 #define SCRATCH_FLOAT_BUFFERS 4
+#define SCRATCH_CODE_BUFFERS 2
 
-/* A state's fp32 values over one span, for the update to change in place: fp32 states themselves,
- * quantized ones dequantized into `scratch`. */
-static float *open_state(const update_config *c, void *state, const float *absmax, const effllm_code_map *map,
-                         int64_t first, int64_t n, int64_t block, float *scratch) {
-    if (state == NULL) return NULL;
-    if (c->bits == 32) return (float *)state + first;
-    if (c->bits == 8)
-        dequantize_codes8(map->values, (const uint8_t *)state + first, n, absmax[block], scratch);
-    else
-        dequantize_codes4(map->values, (const uint8_t *)state, first, n, absmax[block], scratch);
-    return scratch;
+/* A state's old values over a span, as update_elements reads them: fp32 states in place; 8-bit codes in
+ * place; 4-bit codes unpacked into `codes` first. */
+static state_span open_state(const update_config *c, void *state, const float *absmax, const effllm_code_map *map,
+                             int64_t first, int64_t n, int64_t block, float *values, uint8_t *codes) {
+    state_span span = {NULL, NULL, NULL, 0.0f};
+    if (state == NULL) return span;
+    if (c->bits == 32) {
+        span.values = (float *)state + first;
+        return span;
+    }
+    span.values = values;
+    span.map = map->values;
+    span.absmax = absmax[block];
+    if (c->bits == 8) {
+        span.codes = (const uint8_t *)state + first;
+    } else {
+        unpack_codes4((const uint8_t *)state, first, n, codes);
+        span.codes = codes;
+    }
+    return span;
 }
 
-/* Quantizes a block's new values into the state's codes and absmax (fp32 states are already written). */
+/* Quantizes a block's new values with their absmax into the state's codes (fp32 states are already
+ * written). */
 static void close_state(const update_config *c, void *state, float *absmax, const effllm_code_map *map,
-                        int64_t first, int64_t n, int64_t block, const float *values, uint8_t *codes) {
+                        int64_t first, int64_t n, int64_t block, const float *values, float new_absmax,
+                        uint8_t *codes) {
     if (state == NULL || c->bits == 32) return;
+    absmax[block] = new_absmax;
     if (c->bits == 8) {
-        absmax[block] = quantize_block(map, values, n, (uint8_t *)state + first);
+        quantize_scaled(map, values, n, new_absmax, (uint8_t *)state + first);
     } else {
-        absmax[block] = quantize_block(map, values, n, codes);
+        quantize_scaled(map, values, n, new_absmax, codes);
         pack_codes4(codes, first, n, (uint8_t *)state);
     }
 }
@@ -257,15 +303,18 @@ static void update_span(const update_config *c, const effllm_param_slot *s, int6
         p = scratch->param;
         g = scratch->grad;
     }
-    float *m = open_state(c, s->state1, s->absmax1, c->map1, first, n, block, scratch->state1);
+    const state_span m = open_state(c, s->state1, s->absmax1, c->map1, first, n, block, scratch->state1,
+                                    scratch->codes1);
+    const state_span v = open_state(c, s->state2, s->absmax2, c->map2, first, n, block, scratch->state2,
+                                    scratch->codes2);
     prefetch_part(c, s, ahead, span, 1);
-    float *v = open_state(c, s->state2, s->absmax2, c->map2, first, n, block, scratch->state2);
-    apply_update(c->algo, n, p, g, m, v, c->hyper);
+    float new_absmax[2] = {0.0f, 0.0f};
+    apply_update(c->algo, n, p, g, m, v, c->hyper, c->bits != 32, new_absmax);
     prefetch_part(c, s, ahead, span, 2);
     if (s->dtype != EFFLLM_FLOAT32) store_from_float(param, p, n, s->dtype);
-    close_state(c, s->state1, s->absmax1, c->map1, first, n, block, m, scratch->codes);
+    close_state(c, s->state1, s->absmax1, c->map1, first, n, block, m.values, new_absmax[0], scratch->codes1);
     prefetch_part(c, s, ahead, span, 3);
-    close_state(c, s->state2, s->absmax2, c->map2, first, n, block, v, scratch->codes);
+    close_state(c, s->state2, s->absmax2, c->map2, first, n, block, v.values, new_absmax[1], scratch->codes2);
 }
 
 static int64_t unit_elements(int bits, int64_t blocksize) {
@@ -316,10 +365,12 @@ int effllm_optim_update(int32_t algo, int32_t bits, int64_t blocksize, int32_t n
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *buffer = malloc((size_t)(SCRATCH_FLOAT_BUFFERS * span) * sizeof(float) + (size_t)span);
+        float *buffer = malloc((size_t)(SCRATCH_FLOAT_BUFFERS * span) * sizeof(float)
+                               + (size_t)(SCRATCH_CODE_BUFFERS * span));
         failed = buffer == NULL;
+        uint8_t *code_buffer = (uint8_t *)(buffer + SCRATCH_FLOAT_BUFFERS * span);
         const scratch_buffers scratch = {buffer, buffer + span, buffer + 2 * span, buffer + 3 * span,
-                                         (uint8_t *)(buffer + SCRATCH_FLOAT_BUFFERS * span)};
+                                         code_buffer, code_buffer + span};
         int64_t slot = 0;
         /* Dynamic chunks: a thread that the OS holds back (other processes, a busy core) does less of the
          * work instead of making the others wait for it. */
