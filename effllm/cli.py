@@ -241,6 +241,121 @@ def _run_quantize(ref, config, out, resume, overwrite, trust_remote_code, out_fo
                f"g{config.group_size or 'channel'} in {elapsed:.0f} s -> {out}")
 
 
+def _bits_option(name: str, value: str | None) -> int | None:
+    """``--weight-bits``/``--act-bits``: an integer, or none/fp/float for floating point."""
+    if value is None or value.lower() in ("none", "null", "fp", "float"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{name} {value!r}: give an integer number of bits (2..8) or 'none'") from None
+
+
+def _bct_config_from_options(config_file, weight_bits, act_bits, blocksize, act_blocksize, weight_map,
+                             scale_format):
+    """The BCTConfig of ``effllm compress``: a config file, or the bit options on top of ``BCTConfig.uniform``."""
+    from dataclasses import replace
+
+    from effllm.compress.bct import BCTConfig
+
+    options = dict(weight_bits=weight_bits, act_bits=act_bits, blocksize=blocksize, act_blocksize=act_blocksize,
+                   map=weight_map, scale_format=scale_format)
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if config_file:
+        if given:
+            raise UsageError(f"give either --config or {', '.join(given)}, not both (put those in the config file)")
+        try:
+            return BCTConfig.from_file(config_file)
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"{config_file}: {error}") from None
+    weight = _bits_option("--weight-bits", weight_bits) if weight_bits is not None else 8
+    act = _bits_option("--act-bits", act_bits) if act_bits is not None else 8
+    try:
+        config = BCTConfig.uniform(weight, act)
+        stored = {k: v for k, v in dict(blocksize=blocksize, map=weight_map, scale_format=scale_format).items()
+                  if v is not None}
+        if stored:
+            config = replace(config, embeddings=replace(config.embeddings, **stored),
+                             linear_weights=replace(config.linear_weights, **stored))
+        if act_blocksize is not None:
+            config = replace(config, **{name: replace(getattr(config, name), blocksize=act_blocksize) for name in
+                                        ("activations", "attention_scores", "attention_probs", "layernorm",
+                                         "residual")})
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+    return config
+
+
+@main.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["bct"]), default="bct", show_default=True,
+              help="bct: every component blockwise-quantized, no retraining (docs/bct.md).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="BCTConfig as YAML/JSON (docs/bct.md); instead of the options below.")
+@click.option("--weight-bits", default=None, help="Bits of linear weights and embeddings (2..8, or none).  [8]")
+@click.option("--act-bits", default=None, help="Bits of activations, attention, norms and tables (2..8, or none). "
+                                               " [8]")
+@click.option("--blocksize", type=int, default=None, help="Elements per scale of weights and embeddings.")
+@click.option("--act-blocksize", type=int, default=None, help="Elements per scale of activations.")
+@click.option("--map", "weight_map", type=click.Choice(["linear", "dynamic", "fitted"]), default=None,
+              help="Code map of weights and embeddings.")
+@click.option("--scale-format", type=click.Choice(["float32", "float16", "uint8"]), default=None,
+              help="How weight and embedding scales are stored.")
+@click.option("--gguf-file", default=None, help="GGUF file name inside MODEL.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output model folder.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code from the hub (off by default).")
+def compress(model, method, config_file, weight_bits, act_bits, blocksize, act_blocksize, weight_map, scale_format,
+             gguf_file, out_dir, overwrite, trust_remote_code) -> None:
+    """Compress MODEL (hub id or folder) with BCT and save a folder that effllm.load reads back."""
+    from pathlib import Path
+
+    config = _bct_config_from_options(config_file, weight_bits, act_bits, blocksize, act_blocksize, weight_map,
+                                      scale_format)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UsageError(f"output folder {out} already exists; pass --overwrite or choose another --out")
+    from effllm.model_loading import ModelRef
+
+    try:
+        ref = ModelRef.parse(model, gguf_file)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    _run_compress(ref, config, out, overwrite, trust_remote_code)
+
+
+def _run_compress(ref, config, out, overwrite: bool, trust_remote_code: bool) -> dict:
+    import time
+
+    from effllm.auto_model import load_pretrained, load_tokenizer_if_any
+    from effllm.compress.bct import compress as bct_compress
+    from effllm.compress.bct import compression_report, format_report, save_compressed
+    from effllm.compress.bct.compress import check_supported
+
+    click.echo(f"loading {ref.path}{' / ' + ref.gguf_file if ref.gguf_file else ''}", err=True)
+    model = load_pretrained(ref, trust_remote_code=trust_remote_code)
+    if getattr(model.config, "quantization_config", None):
+        raise UsageError(f"{ref.path} is already quantized; compress the original floating-point model")
+    try:
+        check_supported(model)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    tokenizer = load_tokenizer_if_any(ref, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        click.echo(f"note: {ref.path} has no tokenizer; the output folder will have none either", err=True)
+    started = time.perf_counter()
+    bct_compress(model, config)
+    seconds = time.perf_counter() - started
+    report = compression_report(model)
+    try:
+        save_compressed(model, out, tokenizer, overwrite=overwrite)
+    except FileExistsError as error:
+        raise UsageError(str(error)) from None
+    click.echo(format_report(report))
+    click.echo(f"compressed {type(model).__name__} with BCT in {seconds:.1f} s -> {out}")
+    return report
+
+
 @main.command()
 @click.argument("recipe_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), help="Where to write results.json.")
