@@ -174,7 +174,9 @@ class Frugal(Optimizer):
             inner_options["eps"] = eps
         self._inner_options = inner_options
         self._inner: Optimizer | None = None
-        self._handles: dict[torch.Tensor, torch.Tensor] = {}
+        # Per group, the handles of its projected parameters in order: by position, not by tensor, so that
+        # parameters swapped in the groups after construction (accelerate's FSDP2 path does) keep theirs.
+        self._handles: list[list[torch.Tensor]] = []
         self._window_cache: dict[int, tuple[int, set[int]]] = {}  # group -> (refresh, active positions)
         defaults = dict(lr=lr, density=density, projection=projection, update_gap=update_gap,
                         reset_state=reset_state, state_free=state_free, state_full_lr_scale=state_full_lr_scale,
@@ -231,8 +233,8 @@ class Frugal(Optimizer):
             self._check_projectable(param)
             handle = torch.empty(0, dtype=torch.float32, device=param.device)
             override(handle, **overrides_of(param))
-            self._handles[param] = handle
             handles.append(handle)
+        self._handles.append(handles)
         inner_groups = [{"params": full}, {"params": handles, "weight_decay": 0.0}]
         if self._inner is None:
             self._inner = self._inner_cls(inner_groups, **self._inner_options)
@@ -276,6 +278,10 @@ class Frugal(Optimizer):
 
     def _sync_inner_hyperparameters(self, group_index: int, group: dict) -> None:
         full_group, projected_group = self._inner.param_groups[2 * group_index: 2 * group_index + 2]
+        # The state-full parameters follow the group's (they may have been swapped, e.g. for FSDP2's DTensors).
+        full = [param for param in group["params"] if not self._is_projected(param, group)]
+        if len(full) != len(full_group["params"]) or any(a is not b for a, b in zip(full, full_group["params"])):
+            full_group["params"] = full
         full_group["lr"] = group["lr"]
         full_group["weight_decay"] = group["weight_decay"]
         projected_group["lr"] = group["lr"] * group["state_full_lr_scale"]
@@ -343,7 +349,7 @@ class Frugal(Optimizer):
         state["step"] += 1  # a CPU tensor: no device synchronisation
         step = int(state["step"])
         refresh = (step - 1) // int(group["update_gap"])
-        handle = self._handles[param]
+        handle = self._handles[group_index][position]
         self._link_inner_state(param, handle)
         shards = RowShards(param) if is_dtensor(param) else None
         shape = matrix_shape(param.shape)
@@ -390,7 +396,7 @@ class Frugal(Optimizer):
                 self._agree_on_state_layout(param, handle, group_index, mode, shape, group["density"])
             handle.data = torch.zeros_like(coordinates)
             handle.grad = coordinates
-        return param, group, state, mode, rest, finite, local_indices, shards, shape
+        return param, handle, group, state, mode, rest, finite, local_indices, shards, shape
 
     def _agree_on_state_layout(self, param, handle, group_index, mode, shape, density) -> None:
         """Under FSDP2 the handle holds one rank's part of the coordinates; an inner optimizer that picks
@@ -402,9 +408,8 @@ class Frugal(Optimizer):
         whole = shape[0] * shape[1] if mode == _WHOLE else subspace_rank(shape, density) * max(shape)
         override(handle, min_8bit_size=0 if whole >= threshold else whole + 1)
 
-    def _finish(self, param, group, state, mode, rest, finite, local_indices, shards, shape) -> None:
+    def _finish(self, param, handle, group, state, mode, rest, finite, local_indices, shards, shape) -> None:
         """After the inner step: map the state-full update back, add the state-free one, apply both."""
-        handle = self._handles[param]
         lr = group["lr"]
         tall = shape[0] > shape[1]
         update = None  # in the (d, long) orientation, except for mode _WHOLE (the parameter's local shape)

@@ -176,6 +176,26 @@ def _fsdp2_frugal_resume(name, rank, inputs, targets) -> dict:
     return {"same": all(torch.equal(p.to_local(), q) for p, q in zip(resumed_model.parameters(), uninterrupted))}
 
 
+def _fsdp2_frugal_built_before_sharding(name, rank, inputs, targets) -> dict:
+    """Frugal built on the plain model, its groups then pointed at the sharded parameters, as accelerate's FSDP2
+    path does (``fsdp2_switch_optimizer_parameters``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    optimizer = OPTIMIZERS[name](model)
+    names = {id(param): name for name, param in model.named_parameters()}
+    old_groups = [[names[id(param)] for param in group["params"]] for group in optimizer.param_groups]
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    sharded = dict(model.named_parameters())
+    for group, group_names in zip(optimizer.param_groups, old_groups, strict=True):
+        group["params"] = [sharded[name] for name in group_names]
+    train(model, optimizer, inputs, targets)
+    return {"params": [p.full_tensor().detach().clone() for p in model.parameters()]}
+
+
 def _unsupported_layout(rank) -> dict:
     """A weight sharded on dim 1 (not FSDP2's layout) is refused with a message naming the way out."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -201,6 +221,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                  for name in FSDP_FRUGAL_SCENARIOS})
     jobs.update({f"fsdp2_resume/{name}": (lambda n=name: _fsdp2_frugal_resume(n, rank, inputs, targets))
                  for name in ("frugal_svd", "frugal_columns_sgd", "frugal_random_8bit")})
+    jobs["fsdp2_swapped/frugal_svd"] = lambda: _fsdp2_frugal_built_before_sharding("frugal_svd", rank, inputs,
+                                                                                   targets)
     jobs["fsdp2/unsupported_layout"] = lambda: _unsupported_layout(rank)
     results = {}
     for key, job in jobs.items():
@@ -319,6 +341,13 @@ def test_fsdp2_frugal_8bit_follows_the_one_process_run(ranks, name):
 def test_fsdp2_frugal_state_dict_resumes_the_same_trajectory(ranks, name):
     for rank in range(WORLD_SIZE):
         assert result(ranks, rank, f"fsdp2_resume/{name}")["same"]
+
+
+def test_fsdp2_frugal_built_before_sharding_follows_its_swapped_parameters(ranks):
+    reference, _ = one_process_frugal("frugal_svd")
+    for rank in range(WORLD_SIZE):
+        for mine, theirs in zip(result(ranks, rank, "fsdp2_swapped/frugal_svd")["params"], reference, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=ATOL_32BIT, rtol=0)
 
 
 def test_frugal_refuses_other_dtensor_layouts(ranks):
