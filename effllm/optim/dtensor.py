@@ -1,8 +1,9 @@
 """Local shards of DTensors (FSDP2's ``fully_shard`` parameters and gradients).
 
 An optimizer with elementwise updates works shard by shard: each rank updates the elements it holds and
-keeps the state of those elements only. These helpers do not import ``torch.distributed``: if its tensor
-module was never imported, no tensor can be a DTensor, so ``import effllm`` stays lean.
+keeps the state of those elements only. Frugal's projections mix rows, so ``RowShards`` also says which rows
+a rank holds and carries the few collectives they need. Nothing here imports ``torch.distributed`` at import
+time: if its tensor module was never imported, no tensor can be a DTensor, so ``import effllm`` stays lean.
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ State is tensors only: ``state[param]`` holds ``step``, ``basis`` or ``indices``
 dict the inner optimizer keeps for that parameter or handle). So ``state_dict()`` is plain tensors, loads
 with ``torch.load(weights_only=True)``, and a resumed run replays the same trajectory bit for bit.
 
+Under FSDP2 (``fully_shard``: DTensor weights sharded on dim 0) each rank updates its own rows and keeps the
+inner state of its own part of the coordinates; the projections are replicated: random ones drawn alike on every
+rank, an SVD taken of the gradient gathered at refresh steps only and broadcast from rank 0 (see ``_prepare``
+and docs/frugal.md). Non-finite gradient elements are skipped, as AdamW8bit skips them, instead of spreading
+through the projection.
+
 Weight decay on projected weights is decoupled (``p *= 1 - lr * weight_decay``) and applied by Frugal; on
 the other parameters it is the inner optimizer's own. When the subspace is the whole space (``rho = 1``,
 or an active block) the coordinates are the gradient itself, so the update is exactly the inner
