@@ -361,7 +361,7 @@ def _run_compress(ref, config, out, overwrite: bool, trust_remote_code: bool) ->
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), help="Where to write results.json.")
 @click.option("--overwrite", is_flag=True, help="Replace output folders that exist.")
 def run(recipe_file: str, results_path: str | None, overwrite: bool) -> None:
-    """Run a recipe (stages: train, quantize, eval) and print its results table."""
+    """Run a recipe (stages: train, quantize, compress, eval) and print its results table."""
     from effllm.recipes import Recipe, format_results, run_recipe
 
     try:
@@ -377,26 +377,34 @@ def run(recipe_file: str, results_path: str | None, overwrite: bool) -> None:
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--task", default="perplexity", show_default=True, help="perplexity")
-@click.option("--dataset", default="wikitext2", show_default=True, help="wikitext2, c4, ptb, or a text file.")
-@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window.")
+@click.option("--task", default="perplexity", show_default=True,
+              help="perplexity, or glue:TASK (cola, sst2, mrpc, qqp, stsb, mnli, mnli_mismatched, qnli, rte, wnli).")
+@click.option("--dataset", default=None,
+              help="perplexity: wikitext2 (default), c4, ptb, or a text file. glue: a local copy of the task "
+                   "(datasets folder, CSV/TSV/JSON/parquet file or folder); default: nyu-mll/glue from the hub.")
+@click.option("--seqlen", type=int, default=2048, show_default=True,
+              help="Tokens per window (glue: most tokens per example).")
 @click.option("--max-chars", type=int, default=None, help="Evaluate only the first N characters of the text.")
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="glue: evaluate only the first N examples.")
+@click.option("--batch-size", type=int, default=None, help="Batch size (perplexity: 1, glue: 32).")
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
 @click.option("--trust-remote-code", is_flag=True)
-def eval_command(model, task, dataset, seqlen, max_chars, batch_size, gguf_file, json_path, trust_remote_code):
-    """Evaluate MODEL: perplexity by the standard protocol (non-overlapping windows of SEQLEN tokens)."""
-    import json
-    from pathlib import Path
-
+def eval_command(model, task, dataset, seqlen, max_chars, limit, batch_size, gguf_file, json_path,
+                 trust_remote_code):
+    """Evaluate MODEL: perplexity by the standard protocol (non-overlapping windows of SEQLEN tokens), or a GLUE
+    task's validation split with its official metrics."""
     import torch
 
     from effllm.eval.perplexity import load_eval_text, perplexity
     from effllm.model_loading import ModelRef, load_causal_lm, load_tokenizer
 
+    if task.startswith("glue:"):
+        _eval_glue(model, task, dataset, seqlen, limit, batch_size or 32, gguf_file, json_path, trust_remote_code)
+        return
     if task != "perplexity":
-        raise UsageError(f"unknown task {task!r}; available: perplexity")
+        raise UsageError(f"unknown task {task!r}; available: perplexity, glue:TASK (e.g. glue:sst2)")
+    dataset = dataset or "wikitext2"
     try:
         ref = ModelRef.parse(model, gguf_file)
         text = load_eval_text(dataset, max_chars)
@@ -408,17 +416,57 @@ def eval_command(model, task, dataset, seqlen, max_chars, batch_size, gguf_file,
     tokenizer = load_tokenizer(ref, trust_remote_code=trust_remote_code)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     try:
-        result = perplexity(model_obj, ids, seqlen, batch_size)
+        result = perplexity(model_obj, ids, seqlen, batch_size or 1)
     except ValueError as error:
         raise UsageError(str(error)) from None
     figures = dict(result.to_dict(), model=model, dataset=dataset, task=task, max_chars=max_chars)
     click.echo(f"perplexity {result.perplexity:.3f} ({result.windows} windows of {seqlen} tokens, {dataset})")
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(figures, indent=2) + "\n")
-        tmp.replace(path)
+        _write_json(json_path, figures)
+
+
+def _write_json(json_path: str, figures: dict) -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(figures, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _eval_glue(model, task, dataset, seqlen, limit, batch_size, gguf_file, json_path, trust_remote_code) -> None:
+    import torch
+
+    from effllm.auto_model import load_pretrained, load_tokenizer_if_any
+    from effllm.eval.glue import evaluate_glue, glue_task, load_glue
+    from effllm.model_loading import ModelRef
+
+    try:
+        glue = glue_task(task)
+        ref = ModelRef.parse(model, gguf_file)
+        data = load_glue(glue, dataset)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise UsageError(str(error)) from None
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    model_obj = load_pretrained(ref, trust_remote_code=trust_remote_code)
+    if torch.cuda.is_available():
+        model_obj = model_obj.cuda()
+    tokenizer = load_tokenizer_if_any(ref, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise UsageError(f"{ref.path} has no tokenizer; GLUE needs one (save it with the model)")
+    try:
+        result = evaluate_glue(model_obj, tokenizer, glue, data, batch_size, seqlen)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    metrics = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
+    click.echo(f"glue:{result.task} {result.split}: {metrics} ({result.examples} examples; metrics: "
+               f"{result.metric_source})")
+    if json_path:
+        _write_json(json_path, dict(result.to_dict(), model=model, dataset=dataset or "nyu-mll/glue",
+                                    task=f"glue:{result.task}", limit=limit))
 
 
 if __name__ == "__main__":
