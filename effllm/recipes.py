@@ -7,10 +7,10 @@ stages:
   - eval: {task: perplexity, dataset: ../shared/corpus/test.txt, seqlen: 512, max_chars: 150000}
 ```
 
-Unknown keys are errors. A ``quantize`` stage's output becomes the model of the stages after it; so does a
-``train`` stage's (it trains a small Llama from scratch, so a recipe that starts with one needs no ``model``). Relative
-paths are taken from the directory ``effllm run`` is started in. ``effllm run`` prints a results table and
-writes ``results.json`` beside the last output (or in ``--results``).
+Unknown keys are errors. A ``quantize`` or ``compress`` stage's output becomes the model of the stages after it;
+so does a ``train`` stage's (it trains a small Llama from scratch, so a recipe that starts with one needs no
+``model``). Relative paths are taken from the directory ``effllm run`` is started in. ``effllm run`` prints a
+results table and writes ``results.json`` beside the last output (or in ``--results``).
 """
 
 from __future__ import annotations
@@ -64,12 +64,66 @@ class QuantizeStage:
 
 
 @dataclass
+class CompressStage:
+    """Compress the model with BCT (docs/bct.md). ``config``: BCTConfig components (a mapping, or a YAML/JSON
+    file); or ``weight_bits``/``act_bits`` for ``BCTConfig.uniform``; neither: all components at 8 bits."""
+
+    out: str
+    method: str = "bct"
+    config: dict | str | None = None
+    weight_bits: int | None = 8
+    act_bits: int | None = 8
+
+    def bct_config(self):
+        from effllm.compress.bct import BCTConfig
+
+        if isinstance(self.config, str):
+            return BCTConfig.from_file(self.config)
+        if self.config is not None:
+            return BCTConfig.from_dict(self.config)
+        return BCTConfig.uniform(self.weight_bits, self.act_bits)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> CompressStage:
+        if "out" not in data:
+            raise ValueError(f"{where}: a compress stage needs 'out' (the output folder)")
+        stage = _typed(cls, data, where)
+        if stage.method != "bct":
+            raise ValueError(f"{where}: unknown compression method {stage.method!r}; available: bct")
+        if stage.config is not None and ("weight_bits" in data or "act_bits" in data):
+            raise ValueError(f"{where}: give either 'config' or weight_bits/act_bits, not both")
+        try:
+            stage.bct_config()  # validate now, before any stage runs
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise ValueError(f"{where}: {error}") from None
+        return stage
+
+
+@dataclass
 class EvalStage:
+    """``task``: perplexity, or glue:TASK. ``dataset``: perplexity's text (default wikitext2), or a local copy of
+    the GLUE task (default: nyu-mll/glue from the hub). ``limit``: GLUE examples to evaluate (default all)."""
+
     task: str = "perplexity"
-    dataset: str = "wikitext2"
+    dataset: str | None = None
     seqlen: int = 2048
     max_chars: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None
+    limit: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> EvalStage:
+        stage = _typed(cls, data, where)
+        if stage.task.startswith("glue:"):
+            from effllm.eval.glue import glue_task
+
+            try:
+                glue_task(stage.task)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        elif stage.task != "perplexity":
+            raise ValueError(f"{where}: unknown eval task {stage.task!r}; available: perplexity, glue:TASK")
+        return stage
 
 
 # Optimizers a train stage can name (effllm.integrations.hf.OPTIMIZERS has the classes).
@@ -140,7 +194,7 @@ class TrainStage:
         return stage
 
 
-STAGES = {"quantize": QuantizeStage, "eval": EvalStage, "train": TrainStage}
+STAGES = {"quantize": QuantizeStage, "compress": CompressStage, "eval": EvalStage, "train": TrainStage}
 
 
 @dataclass
@@ -185,6 +239,10 @@ def run_recipe(recipe: Recipe, results_path: str | Path | None = None, overwrite
     for kind, stage in recipe.stages:
         if kind == "quantize":
             rows.append(_run_quantize(ModelRef.parse(model), stage, overwrite))
+            last_out = Path(stage.out)
+            model = str(last_out)
+        elif kind == "compress":
+            rows.append(_run_compress(ModelRef.parse(model), stage, overwrite))
             last_out = Path(stage.out)
             model = str(last_out)
         elif kind == "eval":
@@ -237,21 +295,64 @@ def _run_quantize(ref, stage: QuantizeStage, overwrite: bool) -> dict:
                 final_window_loss=reports[-1].loss if reports else None)
 
 
+def _run_compress(ref, stage: CompressStage, overwrite: bool) -> dict:
+    import time
+
+    from effllm.auto_model import load_pretrained, load_tokenizer_if_any
+    from effllm.compress.bct import compress, compression_report, save_compressed
+
+    config = stage.bct_config()
+    out = Path(stage.out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output folder {out} already exists; pass --overwrite or change 'out'")
+    model = load_pretrained(ref)
+    started = time.perf_counter()
+    compress(model, config)
+    seconds = time.perf_counter() - started
+    save_compressed(model, out, load_tokenizer_if_any(ref), overwrite=overwrite)
+    total = compression_report(model)["total"]
+    return dict(stage="compress", model=ref.name, out=str(out), method=stage.method,
+                weight_bits=config.linear_weights.bits, act_bits=config.activations.bits,
+                bits_per_element=total["bits_per_element"], ratio_vs_fp32=total["ratio_vs_fp32"],
+                seconds=round(seconds, 1))
+
+
 def _run_eval(ref, stage: EvalStage) -> dict:
     import torch
 
+    if stage.task.startswith("glue:"):
+        return _run_glue(ref, stage)
     from effllm.eval.perplexity import load_eval_text, perplexity
     from effllm.model_loading import load_causal_lm, load_tokenizer
 
-    if stage.task != "perplexity":
-        raise ValueError(f"unknown eval task {stage.task!r}; available: perplexity")
-    text = load_eval_text(stage.dataset, stage.max_chars)
+    text = load_eval_text(stage.dataset or "wikitext2", stage.max_chars)
     model = load_causal_lm(ref)
     if torch.cuda.is_available():
         model = model.cuda()
     ids = torch.tensor(load_tokenizer(ref)(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    result = perplexity(model, ids, stage.seqlen, stage.batch_size)
+    result = perplexity(model, ids, stage.seqlen, stage.batch_size or 1)
     return dict(asdict(stage), stage="eval", model=ref.name, **result.to_dict())
+
+
+def _run_glue(ref, stage: EvalStage) -> dict:
+    import torch
+
+    from effllm.auto_model import load_pretrained, load_tokenizer_if_any
+    from effllm.eval.glue import evaluate_glue, glue_task, load_glue
+
+    task = glue_task(stage.task)
+    data = load_glue(task, stage.dataset)
+    if stage.limit is not None:
+        data = data.select(range(min(stage.limit, len(data))))
+    model = load_pretrained(ref)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    tokenizer = load_tokenizer_if_any(ref)
+    if tokenizer is None:
+        raise ValueError(f"{ref.path} has no tokenizer; GLUE needs one (save it with the model)")
+    result = evaluate_glue(model, tokenizer, task, data, stage.batch_size or 32, stage.seqlen)
+    return dict(asdict(stage), stage="eval", model=ref.name, examples=result.examples, split=result.split,
+                metric_source=result.metric_source, **result.metrics)
 
 
 def _split_text(data: str, max_train_bytes: int | None):
