@@ -266,6 +266,7 @@ def markdown(results: dict) -> str:
         "",
         f"Written by `benchmarks/bench_frugal.py`: `{results['command'].strip()}`.",
         f"Machine: {machine_line(results['machine'])}.",
+        "Curves in [frugal_curves.png](frugal_curves.png), every figure and curve in `benchmarks/results/frugal.json`.",
         "",
         f"Llama, {s['num_layers']} blocks, hidden {s['hidden_size']}, {results['parameters']:,} parameters, byte "
         f"tokens of the shared corpus; {s['steps']} steps of {s['batch_size']} x {s['seq_len']}, lr {s['lr']:g} "
@@ -276,6 +277,8 @@ def markdown(results: dict) -> str:
         "",
         verdicts,
         "",
+        reference_line(runs),
+        "",
         "Reference figures: the FRUGAL authors' code (github.com/fzmushko/FRUGAL, commit c7ebe4c) run on this "
         "CPU with the same model, data and settings, as issue 6 reports them (final values only; its state MB "
         "are what it counts, and its SVD projections really hold about 4x more, see docs/frugal.md).",
@@ -283,6 +286,20 @@ def markdown(results: dict) -> str:
         "Step times come from a shared 2-core machine under load from other jobs: compare the round-robin "
         "optimizer-step column; the in-run medians also reflect how loaded the machine was during each run.",
     ])
+
+
+def reference_line(runs: dict) -> str:
+    """How far our final losses are from the reference's, beside a noise scale: the gap between AdamW and
+    AdamW8bit, the same algorithm up to state rounding (one seed each, so a rough scale, not an interval)."""
+    differences = {label: runs[label]["final_valid_loss"] - REFERENCE[label][0] for label in REFERENCE if label in runs}
+    if not differences:
+        return ""
+    parts = ", ".join(f"{label} {difference:+.3f}" for label, difference in differences.items())
+    line = f"Final validation loss, ours minus the reference's: {parts}."
+    if ADAMW in runs and "AdamW8bit" in runs:
+        gap = runs["AdamW8bit"]["final_valid_loss"] - runs[ADAMW]["final_valid_loss"]
+        line += f" For scale, AdamW8bit minus AdamW (same algorithm, rounded states): {gap:+.3f}."
+    return line
 
 
 def plot(results: dict, path: Path) -> None:
@@ -333,11 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="markdown file with the frugal section")
     parser.add_argument("--no-docs", action="store_true", help="write neither the JSON, the PNG nor the doc")
+    parser.add_argument("--from-json", action="store_true",
+                        help="train nothing: redraw the PNG and rewrite the doc section from the results file")
     parser.add_argument("--progress", type=Path, default=DEFAULT_PROGRESS,
                         help="finished runs are kept here until the whole benchmark is done; a rerun with the "
                              "same settings resumes from it")
     args = parser.parse_args(argv)
     settings = Settings(steps=args.steps, eval_every=args.eval_every, update_gap=args.update_gap, seed=args.seed)
+    if args.from_json:
+        results = json.loads(args.json.read_text(encoding="utf-8"))
+        plot(results, args.png)
+        update_markdown_section(args.doc, "frugal", markdown(results))
+        return 0
     progress = None if args.no_docs else args.progress
     results = run_all(settings, args.corpus, args.only, progress)
     text = markdown(results)
