@@ -68,6 +68,14 @@ static inline __m256i nearest_codes_avx2(const uint32_t *cells, const uint16_t *
     return _mm256_sub_epi32(_mm256_and_si256(cell, _mm256_set1_epi32(CELL_CODE_MASK)), above);
 }
 
+/* The largest of 8 unsigned 32-bit lanes. */
+static inline uint32_t horizontal_max_epu32(__m256i x) {
+    __m128i half = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    half = _mm_max_epu32(half, _mm_shuffle_epi32(half, _MM_SHUFFLE(1, 0, 3, 2)));
+    half = _mm_max_epu32(half, _mm_shuffle_epi32(half, _MM_SHUFFLE(2, 3, 0, 1)));
+    return (uint32_t)_mm_cvtsi128_si32(half);
+}
+
 /* codes[0:n] for x[0:n] / scale, n <= NORMALIZED_CHUNK, one_boundary_per_cell maps only. */
 static inline void quantize_chunk_avx2(const effllm_code_map *map, const float *restrict x, int64_t n, float scale,
                                        uint8_t *restrict codes) {
@@ -102,11 +110,7 @@ static inline float block_absmax(const float *restrict x, int64_t n) {
         even = _mm256_max_epu32(even, _mm256_and_si256(a, magnitude_mask));
         odd = _mm256_max_epu32(odd, _mm256_and_si256(b, magnitude_mask));
     }
-    even = _mm256_max_epu32(even, odd);
-    __m128i half = _mm_max_epu32(_mm256_castsi256_si128(even), _mm256_extracti128_si256(even, 1));
-    half = _mm_max_epu32(half, _mm_shuffle_epi32(half, _MM_SHUFFLE(1, 0, 3, 2)));
-    half = _mm_max_epu32(half, _mm_shuffle_epi32(half, _MM_SHUFFLE(2, 3, 0, 1)));
-    largest = (uint32_t)_mm_cvtsi128_si32(half);
+    largest = horizontal_max_epu32(_mm256_max_epu32(even, odd));
 #endif
     for (; i < n; i++) {
         const uint32_t magnitude = float_bits(x[i]) & FP32_ABS_MASK;
