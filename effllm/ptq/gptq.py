@@ -54,6 +54,9 @@ class GPTQResult:
     codes: torch.Tensor  # [out, in] uint8
     scale: torch.Tensor  # [out, groups] fp32
     zero: torch.Tensor  # [out, groups] fp32 holding integer values
+    # [out, in] fp32: each weight as it was when rounded (the original plus the errors spread onto it), so
+    # round-to-nearest of rounded_from / scale gives ``codes``: a starting point for learned rounding (CBQ).
+    rounded_from: torch.Tensor | None = None
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -73,8 +76,13 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Te
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuantSpec, percdamp: float = 0.01,
-                  blocksize: int = 128, act_order: bool = False, static_groups: bool = False) -> GPTQResult:
-    """GPTQ codes and scales of ``weight`` [out, in] for inputs whose Hessian is ``hessian`` [in, in]."""
+                  blocksize: int = 128, act_order: bool = False, static_groups: bool = False,
+                  scale_zero: tuple[torch.Tensor, torch.Tensor] | None = None) -> GPTQResult:
+    """GPTQ codes and scales of ``weight`` [out, in] for inputs whose Hessian is ``hessian`` [in, in].
+
+    ``scale_zero``: fixed group scales and zero points [out, groups] to use (static groups) instead of min-max
+    ones, e.g. ranges an outlier pre-processing has already chosen.
+    """
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     out_features, in_features = w.shape
@@ -85,8 +93,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     h[dead, dead] = 1
     w[:, dead] = 0
 
-    static = static_groups or act_order or spec.group_size is None
-    if static:
+    static = static_groups or act_order or spec.group_size is None or scale_zero is not None
+    if scale_zero is not None:
+        scale, zero = (t.detach().float().clone() for t in scale_zero)
+        if scale.shape != (out_features, groups) or zero.shape != scale.shape:
+            raise ValueError(f"scale_zero must be two [{out_features}, {groups}] tensors, got "
+                             f"{list(scale.shape)} and {list(zero.shape)}")
+    elif static:
         scale, zero = minmax_scales(w, spec)
     else:  # filled group by group as the columns are reached
         scale = torch.ones(out_features, groups, device=w.device)
@@ -102,6 +115,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
 
     hinv = inverse_hessian_cholesky(h, percdamp)
     codes = torch.zeros_like(w)
+    rounded_from = torch.zeros_like(w)
     for block_start in range(0, in_features, blocksize):
         block_end = min(block_start + blocksize, in_features)
         w_block = w[:, block_start:block_end].clone()
@@ -116,13 +130,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
             s, z = scale[:, group], zero[:, group]
             code = torch.clamp(torch.round(w_block[:, i] / s) + z, 0, spec.max_code)
             codes[:, column] = code
+            rounded_from[:, column] = w_block[:, i]
             error = (w_block[:, i] - (code - z) * s) / hinv_block[i, i]
             w_block[:, i + 1 :] -= error[:, None] * hinv_block[i, i + 1 :][None, :]
             errors[:, i] = error
         w[:, block_end:] -= errors @ hinv[block_start:block_end, block_end:]
 
-    codes = codes[:, torch.argsort(order)].to(torch.uint8)
-    return GPTQResult(dequantize_weight(codes, scale, zero, spec), codes, scale, zero)
+    original_order = torch.argsort(order)
+    codes = codes[:, original_order].to(torch.uint8)
+    return GPTQResult(dequantize_weight(codes, scale, zero, spec), codes, scale, zero, rounded_from[:, original_order])
 
 
 def _current_columns(w: torch.Tensor, w_block: torch.Tensor, errors: torch.Tensor, hinv: torch.Tensor,
@@ -212,7 +228,7 @@ class GPTQ:
             rows = slice(start, start + linear.out_features)
             start = rows.stop
             load_gptq_result(linear, GPTQResult(result.weight[rows], result.codes[rows], result.scale[rows],
-                                                result.zero[rows]))
+                                                result.zero[rows], result.rounded_from[rows]))
 
     def quantize_linear(self, linear: FakeQuantLinear, hessian: torch.Tensor) -> GPTQResult:
         result = self.solve(linear.weight, hessian, linear.spec)

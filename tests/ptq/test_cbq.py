@@ -112,7 +112,7 @@ def test_every_switch_changes_the_result(model, ids):
     default = quantized_logits(model, ids, spec, CBQ(CBQConfig(**BRIEF)))
     switches = {"window 1": dict(window=1, overlap=0), "no weight CFP": dict(cfp_weights=False),
                 "no activation CFP": dict(cfp_activations=False), "no LoRA-Rounding": dict(lora_rounding=False),
-                "no KL": dict(kl_weight=0.0)}
+                "no KL": dict(kl_weight=0.0), "GPTQ start": dict(gptq_init=True)}
     for name, change in switches.items():
         logits = quantized_logits(model, ids, spec, CBQ(CBQConfig(**BRIEF, **change)))
         assert (logits - default).abs().max() > 1e-4, f"{name} left the result unchanged"
@@ -310,3 +310,30 @@ def test_hidden_128_cbq_beats_gptq_given_enough_steps():
     gptq = relative_error(quantized_logits(model, ids, spec, GPTQ()), reference)
     cbq = relative_error(quantized_logits(model, ids, spec, CBQ(CBQConfig(epochs=4))), reference)
     assert cbq < gptq, (cbq, gptq)
+
+
+def test_gptq_init_without_preprocessing_or_training_is_gptq(model, ids):
+    spec = WeightQuantSpec(3, 16)
+    init_only = CBQConfig(window=1, overlap=0, gptq_init=True, epochs=0, cfp_weights=False, cfp_activations=False)
+    cbq = quantized_logits(model, ids, spec, CBQ(init_only))
+    gptq = quantized_logits(model, ids, spec, GPTQ())
+    torch.testing.assert_close(cbq, gptq, rtol=1e-4, atol=1e-4)
+
+
+def test_keep_best_drops_a_harmful_optimisation(model, ids):
+    spec = WeightQuantSpec(3, 16)
+    start = dict(gptq_init=True, **BRIEF)
+    reference = quantized_logits(model, ids[:8], spec, CBQ(CBQConfig(**{**start, "epochs": 0})))
+    harmful = dict(lr_rounding=50.0, lr_scale=2.0)  # step sizes scaled by e^±2 and more: far worse codes
+    damaged = quantized_logits(model, ids[:8], spec, CBQ(CBQConfig(**start, **harmful)))
+    guarded_cbq = CBQ(CBQConfig(**start, **harmful, keep_best=True))
+    guarded = quantized_logits(model, ids[:8], spec, guarded_cbq)
+    assert all(stats.kept_start for stats in guarded_cbq.history)
+    torch.testing.assert_close(guarded, reference, rtol=1e-5, atol=1e-5)
+    assert (damaged - reference).abs().max() > 1e-2
+
+
+def test_epochs_zero_is_preprocessing_only_and_negative_is_refused():
+    assert CBQConfig(epochs=0).epochs == 0
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        CBQConfig(epochs=-1)

@@ -268,3 +268,22 @@ def test_runner_gptq_logits_closer_to_full_precision_than_rtn():
             with torch.no_grad():
                 errors[name] = nn.functional.mse_loss(model(held_out).logits, reference).item()
         assert all(errors[name] < errors["rtn"] for name in variants), (seed, errors)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_given_ranges_are_kept_and_rounded_from_reproduces_the_codes(act_order):
+    x, weight = correlated_inputs(7), random_weight(7)
+    spec = WeightQuantSpec(3, 32)
+    scale, zero = minmax_scales(weight * 0.8, spec)  # narrower ranges, as an outlier truncation would choose
+    result = gptq_quantize(weight, hessian_of(x), spec, act_order=act_order, scale_zero=(scale, zero))
+    assert torch.equal(result.scale, scale) and torch.equal(result.zero, zero)
+    groups = result.rounded_from.reshape(OUTPUTS, -1, 32) / scale[..., None]
+    codes = torch.clamp(torch.round(groups) + zero[..., None], 0, spec.max_code).reshape(OUTPUTS, -1)
+    assert (codes.to(torch.uint8) != result.codes).float().mean() <= CODE_MISMATCH_TOLERANCE
+    # the error feedback still pays: better than rounding to nearest on the same ranges
+    nearest = torch.clamp(torch.round(weight.reshape(OUTPUTS, -1, 32) / scale[..., None]) + zero[..., None], 0,
+                          spec.max_code)
+    rtn = ((nearest - zero[..., None]) * scale[..., None]).reshape(weight.shape)
+    assert output_error(x, weight, result.weight) < output_error(x, weight, rtn)
+    with pytest.raises(ValueError, match="scale_zero must be two"):
+        gptq_quantize(weight, hessian_of(x), spec, scale_zero=(scale[:, :1], zero[:, :1]))

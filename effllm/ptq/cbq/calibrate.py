@@ -29,6 +29,8 @@ from torch import nn
 from effllm.quant.fake_quant_linear import FakeQuantLinear, quantization_disabled
 
 from ..block_inputs import run_block
+from ..gptq import GPTQ, gptq_quantize
+from ..hessian import collect_hessians, shared_input_groups
 from .cfp import smooth_activation_outliers, truncate_weight_outliers
 from .config import CBQConfig
 from .lora_rounding import LoRARounding, NearestRounding, attach_lora_rounding, attach_nearest_rounding
@@ -52,10 +54,34 @@ class WindowStats:
     smoothed_channels: int  # activation channels scaled by CFP in this window's new blocks
     clipped_weights: float  # fraction of this window's new weights clipped by CFP
     undecided_rounding: float  # fraction of soft offsets h not yet 0 or 1 when hard rounding was applied
+    kept_start: bool = False  # keep_best dropped what training learned (it did not lower the loss)
 
 
 def fake_quant_linears(blocks: list[nn.Module]) -> list[FakeQuantLinear]:
     return [m for block in blocks for m in block.modules() if isinstance(m, FakeQuantLinear)]
+
+
+@torch.no_grad()
+def gptq_initialize(block: nn.Module, inputs: torch.Tensor, kwargs: dict) -> None:
+    """Move each linear's weight to where GPTQ rounds it (``rounded_from``), keeping its step sizes and zero
+    points: round-to-nearest then gives GPTQ's codes. Linears are taken in execution order, each group's Hessian
+    collected with the groups before it already quantized (hard rounding), as GPTQ's sequential mode does."""
+    fakes = fake_quant_linears([block])
+    roundings = [fake.rounding for fake in fakes if isinstance(fake.rounding, LoRARounding)]
+    modes = [r.hard for r in roundings]
+    for rounding in roundings:
+        rounding.hard = True  # soft rounding at sharpness 1 would leave the weights unquantized
+    solver = GPTQ(batch_size=STATS_BATCH)
+    try:
+        for group in shared_input_groups(block, inputs[:1], kwargs):
+            (hessian,) = collect_hessians(block, inputs, kwargs, [group[0]], STATS_BATCH)
+            for fake in group:
+                result = gptq_quantize(fake.weight, hessian, fake.spec, solver.percdamp, solver.blocksize,
+                                       solver.act_order, scale_zero=(fake.scale, fake.zero))
+                fake.weight.copy_(result.rounded_from.to(fake.weight.dtype))
+    finally:
+        for rounding, hard in zip(roundings, modes):
+            rounding.hard = hard
 
 
 def _generator(seed: int, block_index: int, stream: int) -> torch.Generator:
@@ -103,6 +129,7 @@ class CBQ:
         smoothed, clipped = self._preprocess(blocks, inputs, kwargs)
         fakes = fake_quant_linears(blocks)
         roundings = [fake.rounding for fake in fakes if isinstance(fake.rounding, LoRARounding)]
+        start_loss = self._hard_loss(blocks, inputs, kwargs, targets, roundings) if config.keep_best else None
 
         trainable_before = {p: p.requires_grad for block in blocks for p in block.parameters()}
         for parameter in trainable_before:
@@ -120,6 +147,12 @@ class CBQ:
             optimizer = torch.optim.Adam(groups)
             order = _generator(config.seed, self.block_index(blocks[0]), SAMPLE_ORDER_STREAM)
             first, last, steps = self._train(blocks, inputs, kwargs, targets, roundings, optimizer, order)
+            kept_start = False
+            if start_loss is not None and self._hard_loss(blocks, inputs, kwargs, targets, roundings) >= start_loss:
+                kept_start = True
+                with torch.no_grad():
+                    for parameter in [*gains, *(r.b for r in roundings)]:
+                        parameter.zero_()  # B = 0: no learned shift; log gain 0: the starting step sizes
         finally:
             for fake in fakes:
                 bake_step_size_gain(fake)
@@ -133,7 +166,30 @@ class CBQ:
                 undecided = ((offsets > 0) & (offsets < 1)).float().mean().item()
         for rounding in roundings:
             rounding.harden()
-        self.history.append(WindowStats(len(blocks), steps, first, last, smoothed, clipped, undecided))
+        self.history.append(WindowStats(len(blocks), steps, first, last, smoothed, clipped, undecided, kept_start))
+
+    @torch.no_grad()
+    def _hard_loss(self, blocks, inputs, kwargs, targets, roundings) -> float:
+        """The window's objective (reconstruction + distribution terms) over every sample, hard rounding."""
+        config = self.config
+        modes = [r.hard for r in roundings]
+        for rounding in roundings:
+            rounding.hard = True
+        total = 0.0
+        try:
+            for start in range(0, inputs.shape[0], STATS_BATCH):
+                output = inputs[start : start + STATS_BATCH]
+                for block in blocks:
+                    output = run_block(block, output, kwargs, batch_size=len(output))
+                target = targets[start : start + STATS_BATCH]
+                loss = reconstruction_loss(output, target)
+                if config.kl_weight:
+                    loss = loss + config.kl_weight * distribution_loss(output, target, config.kl_temperature)
+                total += loss.item() * len(output)
+        finally:
+            for rounding, hard in zip(roundings, modes):
+                rounding.hard = hard
+        return total / inputs.shape[0]
 
     def _preprocess(self, blocks, inputs, kwargs) -> tuple[int, float]:
         """CFP for the blocks of this window not pre-processed in an earlier one; returns its statistics."""
@@ -162,6 +218,10 @@ class CBQ:
                             clipped_count += fraction * fake.weight.numel()
                         weight_count += fake.weight.numel()
                         fake.rounding.preprocessed.fill_(True)
+                    if config.gptq_init:
+                        gptq_initialize(block, hidden, kwargs)
+                        if needs_next_input:  # the next block's Hessians see this block quantized
+                            hidden_next = run_block(block, hidden, kwargs, STATS_BATCH)
                 if needs_next_input:
                     hidden = hidden_next
         return smoothed, clipped_count / max(weight_count, 1)
@@ -173,7 +233,7 @@ class CBQ:
         steps = config.epochs * batches_per_epoch
         schedule = BetaSchedule(steps, config.reg_warmup, config.beta_start, config.beta_end)
         sharpening = SharpnessSchedule(steps, config.sharpness_start, config.sharpness_end)
-        epoch_losses = []
+        epoch_losses = [math.nan]  # no epoch: nothing trained
         step = 0
         for _ in range(config.epochs):
             order = torch.randperm(samples, generator=generator).to(inputs.device)
@@ -198,4 +258,5 @@ class CBQ:
                 total += loss.item()
                 step += 1
             epoch_losses.append(total / batches_per_epoch)
-        return epoch_losses[0], epoch_losses[-1], steps
+        trained = epoch_losses[1:] or epoch_losses
+        return trained[0], trained[-1], steps

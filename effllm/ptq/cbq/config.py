@@ -3,7 +3,8 @@
 Defaults are sized for a CPU (SmolLM2-135M with 32 x 512 calibration tokens on 2 cores); ``CBQConfig.paper()``
 is the GPU preset closer to the paper. Every component can be switched off for the ablation of the paper:
 ``window=1`` (no cross-block dependency), ``cfp_weights``/``cfp_activations`` (coarse-to-fine pre-processing),
-``lora_rounding`` (plain nearest rounding with learnable step sizes instead), ``kl_weight=0`` (MSE only).
+``lora_rounding`` (plain nearest rounding with learnable step sizes instead), ``kl_weight=0`` (MSE only);
+``gptq_init`` and ``keep_best`` are effllm's additions (off: the paper's method).
 See docs/cbq.md for the choices made where the paper is silent.
 """
 
@@ -47,12 +48,21 @@ class CBQConfig:
     cfp_weight_guard: bool = True  # keep a group's min-max range where truncation raises its rounding error
     cfp_act_lambda: float = 1.5
     cfp_act_alpha: float = 0.5  # outlier channels are divided by (magnitude / threshold) ** alpha
+    # Starting point of the learned rounding (the paper's is round-to-nearest): with gptq_init, each new block's
+    # weights are first moved by GPTQ's error feedback (on CFP's ranges), so rounding to nearest starts at
+    # GPTQ's codes and the window's optimisation refines them.
+    gptq_init: bool = False
+    # Keep the window's starting point (learned shift and step-size gains dropped) if, after training, its loss
+    # on the calibration samples with hard rounding is not lower than the starting point's.
+    keep_best: bool = False
     seed: int = 0
 
     def __post_init__(self):
         if self.window < 1 or not 0 <= self.overlap < self.window:
             raise ValueError(f"need window >= 1 and 0 <= overlap < window, got {self.window}, {self.overlap}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lora_rank": self.lora_rank,
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0: pre-processing and initial rounding only), got {self.epochs}")
+        positive = {"batch_size": self.batch_size, "lora_rank": self.lora_rank,
                     "beta_end": self.beta_end, "kl_temperature": self.kl_temperature,
                     "sharpness_start": self.sharpness_start, "sharpness_end": self.sharpness_end}
         for name, value in positive.items():
