@@ -70,9 +70,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-# Config fields that change what a row means; the settings and methods only choose which rows to measure.
-_ROW_DEFINING = ("model", "calib", "nsamples", "calib_seqlen", "eval_text", "eval_max_chars", "eval_seqlens",
-                 "method_options")
+# Config fields that change what every row means; a method's options change only that method's rows, and the
+# settings and methods only choose which rows to measure.
+_ROW_DEFINING = ("model", "calib", "nsamples", "calib_seqlen", "eval_text", "eval_max_chars", "eval_seqlens")
 
 
 def row_order(row: dict) -> tuple[int, int]:
@@ -88,9 +88,13 @@ def previous_rows(config) -> list[dict]:
     saved = json.loads(RESULTS.read_text())
     current = json.loads(json.dumps(config.__dict__))  # tuples as lists, as they were saved
     if any(saved.get("config", {}).get(key) != current[key] for key in _ROW_DEFINING):
-        print(f"--resume: {RESULTS} was measured with another configuration; measuring everything again")
+        print(f"--resume: {RESULTS} was measured with another model, calibration or evaluation; measuring again")
         return []
-    return saved["rows"]
+    options = current["method_options"]
+    kept = [row for row in saved["rows"] if row.get("options", {}) == options.get(row["method"], {})]
+    if len(kept) < len(saved["rows"]):
+        print(f"--resume: {len(saved['rows']) - len(kept)} rows had other method options; measuring them again")
+    return kept
 
 
 def main() -> None:
@@ -121,7 +125,7 @@ def main() -> None:
     def save(row: dict) -> None:
         # Rows may come from several runs (--resume): each says when it was measured and how busy the CPU was.
         row.update(measured=datetime.datetime.now().isoformat(timespec="minutes"),
-                   load_average=round(os.getloadavg()[0], 2))
+                   load_average=round(os.getloadavg()[0], 2), options=config.method_options.get(row["method"], {}))
         rows[:] = sorted([r for r in rows if (r["method"], r["setting"]) != (row["method"], row["setting"])] + [row],
                          key=row_order)
         print(json.dumps(row), flush=True)
