@@ -61,10 +61,11 @@ static inline __m256i nearest_codes_avx2(const uint32_t *cells, const uint16_t *
     const __m256i bits = _mm256_loadu_si256((const __m256i *)halves);
     const __m256i low = _mm256_and_si256(bits, _mm256_set1_epi32(CELL_LOW_MASK));
     const __m256i boundary = _mm256_srli_epi32(cell, CELL_SHIFT);
-    const __m256i above_positive = _mm256_cmpgt_epi32(low, boundary), above_negative = _mm256_cmpgt_epi32(boundary, low);
-    const __m256i negative = _mm256_srai_epi32(bits, SIGN_SHIFT);
-    /* above is all ones (-1) where the value lies past the cell's boundary: subtracting it adds 1. */
-    const __m256i above = _mm256_blendv_epi8(above_positive, above_negative, negative);
+    /* low - boundary, negated for negative values (whose bit patterns grow as they fall; psign reads the sign
+     * bit of `bits`, and zeroes the lane for +0.0, which lies above no boundary); above is all ones (-1)
+     * where the value lies past the cell's boundary: subtracting it adds 1. */
+    const __m256i past = _mm256_sign_epi32(_mm256_sub_epi32(low, boundary), bits);
+    const __m256i above = _mm256_cmpgt_epi32(past, _mm256_setzero_si256());
     return _mm256_sub_epi32(_mm256_and_si256(cell, _mm256_set1_epi32(CELL_CODE_MASK)), above);
 }
 
@@ -84,8 +85,10 @@ static inline void quantize_chunk_avx2(const effllm_code_map *map, const float *
     uint16_t halves[2 * NORMALIZED_CHUNK] __attribute__((aligned(32)));
     const __m256 divisor = _mm256_set1_ps(scale);
     const int64_t whole = n / (4 * AVX2_FLOATS) * (4 * AVX2_FLOATS);
-    for (int64_t i = 0; i < whole; i += AVX2_FLOATS)
-        _mm256_store_ps((float *)(halves + 2 * i), _mm256_div_ps(_mm256_loadu_ps(x + i), divisor));
+    for (int64_t i = 0; i < whole; i += 4 * AVX2_FLOATS)
+        for (int k = 0; k < 4; k++) /* unrolled: four divisions per loop test */
+            _mm256_store_ps((float *)(halves + 2 * (i + k * AVX2_FLOATS)),
+                            _mm256_div_ps(_mm256_loadu_ps(x + i + k * AVX2_FLOATS), divisor));
     const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the per-lane packs */
     for (int64_t i = 0; i < whole; i += 4 * AVX2_FLOATS) {
         __m256i c[4]; /* 32 codes as int32, narrowed to bytes below */

@@ -230,9 +230,12 @@ INLINE int64_t adam_coded_avx2(int64_t n, float *restrict p, const float *restri
                                float *restrict v, const uint8_t *restrict v_codes, const float *restrict v_map,
                                float v_absmax, const effllm_hyper *h, const int l2, const int shrink,
                                const int small_codes, uint32_t *largest) {
-    /* With small_codes (every code below 16), the maps' first 16 entries as registers. */
-    const __m256 m_low = _mm256_loadu_ps(m_map), m_high = _mm256_loadu_ps(m_map + AVX2_FLOATS);
-    const __m256 v_low = _mm256_loadu_ps(v_map), v_high = _mm256_loadu_ps(v_map + AVX2_FLOATS);
+    /* With small_codes (every code below 16), the maps' first 16 entries as registers, times the absmax (the
+     * same one rounding as multiplying each looked-up entry). */
+    const __m256 m_low = _mm256_mul_ps(_mm256_loadu_ps(m_map), _mm256_set1_ps(m_absmax));
+    const __m256 m_high = _mm256_mul_ps(_mm256_loadu_ps(m_map + AVX2_FLOATS), _mm256_set1_ps(m_absmax));
+    const __m256 v_low = _mm256_mul_ps(_mm256_loadu_ps(v_map), _mm256_set1_ps(v_absmax));
+    const __m256 v_high = _mm256_mul_ps(_mm256_loadu_ps(v_map + AVX2_FLOATS), _mm256_set1_ps(v_absmax));
     const __m256 absmax1 = _mm256_set1_ps(m_absmax), absmax2 = _mm256_set1_ps(v_absmax);
     const __m256 weight_decay = _mm256_set1_ps(h->weight_decay), decay_factor = _mm256_set1_ps(h->decay_factor);
     const int weight_small = fabsf(h->one_minus_beta1) < 0.5f;
@@ -246,10 +249,10 @@ INLINE int64_t adam_coded_avx2(int64_t n, float *restrict p, const float *restri
     for (int64_t i = 0; i < whole; i += AVX2_FLOATS) {
         __m256 grad = _mm256_loadu_ps(g + i);
         const __m256 old_p = _mm256_loadu_ps(p + i);
-        const __m256 m_entries = small_codes ? lookup8_small(m_low, m_high, m_codes + i) : lookup8(m_map, m_codes + i);
-        const __m256 v_entries = small_codes ? lookup8_small(v_low, v_high, v_codes + i) : lookup8(v_map, v_codes + i);
-        const __m256 old_m = _mm256_mul_ps(m_entries, absmax1);
-        const __m256 old_v = _mm256_mul_ps(v_entries, absmax2);
+        const __m256 old_m = small_codes ? lookup8_small(m_low, m_high, m_codes + i)
+                                         : _mm256_mul_ps(lookup8(m_map, m_codes + i), absmax1);
+        const __m256 old_v = small_codes ? lookup8_small(v_low, v_high, v_codes + i)
+                                         : _mm256_mul_ps(lookup8(v_map, v_codes + i), absmax2);
         if (l2) grad = _mm256_add_ps(grad, _mm256_mul_ps(weight_decay, old_p));
         const __m256 param = shrink ? _mm256_mul_ps(old_p, decay_factor) : old_p;
         const __m256 new_m = _mm256_fmadd_ps(coefficient, _mm256_sub_ps(grad, old_m), weight_small ? old_m : grad);
