@@ -25,6 +25,17 @@ from effllm.kernels.quant_maps import MAP_KINDS
 STORED_MAP_KINDS = ("linear", "dynamic", "fitted")
 ACTIVATION_MAP_KINDS = tuple(kind for kind in MAP_KINDS if kind != "linear_nozero")
 SCALE_FORMATS = ("float32", "float16", "uint8")
+# "gptq": a linear's codes chosen column by column with error feedback through the Hessian of its calibration
+# inputs (calibrated_rounding.py); scales and map are fixed first, as for "nearest"
+ROUNDINGS = ("nearest", "gptq")
+# how gptq weighs its calibration tokens: "uniform" minimises the summed squared output error (GPTQ's own
+# objective, dominated by the few tokens with massive activations); "relative" weighs each token by
+# 1 / ||its output||^2, minimising the summed per-token relative error that the next LayerNorm sees
+TOKEN_WEIGHTINGS = ("uniform", "relative")
+# how a 2-D tensor is cut into blocks: along its rows (flattened row-major, blocks span the last dimension) or
+# down its columns (flattened column-major: a column with outliers, e.g. one hidden dimension of an embedding,
+# gets scales of its own instead of stretching the grid of every row it crosses)
+BLOCK_LAYOUTS = ("row_major", "column_major")
 
 
 def _check_bits(where: str, bits: int | None, low: int = 2) -> None:
@@ -51,12 +62,21 @@ class StoredSpec:
     map: str = "linear"
     scale_format: str = "float16"
     clip_search: bool = False  # choose each block's scale by least squared error instead of its absmax
+    rounding: str = "nearest"  # "gptq": calibrated error-feedback rounding of linear weights (needs calib data)
+    damp: float = 0.01  # gptq dampening, a fraction of the mean Hessian diagonal added to its diagonal
+    token_weighting: str = "relative"  # gptq: see TOKEN_WEIGHTINGS
+    block_layout: str = "row_major"
 
     def validate(self, where: str) -> None:
         _check_bits(where, self.bits)
         _check_blocksize(where, self.blocksize)
         _check_choice(f"{where}.map", self.map, STORED_MAP_KINDS)
         _check_choice(f"{where}.scale_format", self.scale_format, SCALE_FORMATS)
+        _check_choice(f"{where}.rounding", self.rounding, ROUNDINGS)
+        _check_choice(f"{where}.block_layout", self.block_layout, BLOCK_LAYOUTS)
+        _check_choice(f"{where}.token_weighting", self.token_weighting, TOKEN_WEIGHTINGS)
+        if not isinstance(self.damp, (int, float)) or self.damp < 0:
+            raise ValueError(f"{where}.damp must be a number >= 0, got {self.damp!r}")
         if self.map == "dynamic" and self.bits is not None and self.bits < 2:
             raise ValueError(f"{where}: the dynamic map needs at least 2 bits")
 
@@ -125,6 +145,10 @@ class BCTConfig:
             if not isinstance(spec, cls):
                 raise ValueError(f"{name} must be a {cls.__name__}, got {type(spec).__name__}")
             spec.validate(name)
+        for name in ("embeddings", "biases"):  # only a linear has the input Hessian that gptq rounding needs
+            if getattr(self, name).rounding != "nearest":
+                raise ValueError(f"{name}.rounding must be 'nearest' (calibrated rounding applies to "
+                                 f"linear_weights only), got {getattr(self, name).rounding!r}")
 
     # --- data round trip -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:

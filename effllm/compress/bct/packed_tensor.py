@@ -9,7 +9,9 @@ is ``dequantize_blockwise`` (C kernel on CPU, Triton on GPU). Two additions, bot
 * ``clip_search``: each block's scale is the fraction of its absmax (from ``CLIP_FRACTIONS``) with the least
   squared error, so one outlier does not stretch the grid of a whole block;
 * ``scale_format: uint8``: scales are themselves blockwise-quantized (8-bit unsigned dynamic map, blocks of
-  ``SCALE_BLOCKSIZE``) as QLoRA's double quantization does; codes are chosen against the *decoded* scales.
+  ``SCALE_BLOCKSIZE``) as QLoRA's double quantization does; codes are chosen against the *decoded* scales;
+* ``block_layout: column_major``: a 2-D tensor is stored transposed (flattened column by column), so blocks run
+  down its columns; ``dequantize`` and ``gather_rows`` give the tensor back in its own shape.
 
 Buffers: ``codes`` uint8 [ceil(numel * bits / 8)], ``scales`` [nblocks] (fp32, fp16, or uint8 codes with
 ``scale_absmax`` fp32 [ceil(nblocks / SCALE_BLOCKSIZE)]), and for a fitted map ``fitted_map`` fp32 [2**bits].
@@ -81,6 +83,7 @@ class PackedTensor(nn.Module):
         if spec.bits is None:
             raise ValueError("a PackedTensor needs a bit width (spec.bits is null)")
         self.shape, self.spec = torch.Size(shape), spec
+        self.column_major = spec.block_layout == "column_major" and len(self.shape) == 2
         numel, blocks = self.shape.numel(), num_blocks(self.shape.numel(), spec.blocksize)
         self.register_buffer("codes", torch.zeros(packed_numel(numel, spec.bits), dtype=torch.uint8, device=device))
         # The floating-point scales are (frozen) parameters: transformers reads a model's dtype and device from
@@ -108,9 +111,20 @@ class PackedTensor(nn.Module):
         packed.encode_(tensor.detach())
         return packed
 
+    def _stored_order(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (in this tensor's shape) in the order its elements are stored."""
+        return tensor.T.contiguous() if self.column_major else tensor
+
+    def _own_order(self, flat: torch.Tensor) -> torch.Tensor:
+        """Stored-order values ``flat`` [numel] back in this tensor's shape."""
+        if self.column_major:
+            return flat.view(self.shape[1], self.shape[0]).T.contiguous()
+        return flat.view(self.shape)
+
     @torch.no_grad()
     def encode_(self, tensor: torch.Tensor) -> None:
         spec = self.spec
+        tensor = self._stored_order(tensor)
         if spec.map == "fitted":
             blocks = _blocks(tensor, spec.blocksize)
             self.fitted_map.copy_(fit_map(blocks / absmax_to_scale(blocks.abs().amax(dim=1))[:, None], 2**spec.bits))
@@ -128,6 +142,17 @@ class PackedTensor(nn.Module):
             decoded_scale = absmax_to_scale(self.decoded_scales())
             codes = nearest_code_ref((blocks / decoded_scale[:, None]).reshape(-1)[: tensor.numel()], self.qmap)
         self.codes.copy_(pack_bits_ref(codes, spec.bits))
+
+    @torch.no_grad()
+    def set_codes_(self, codes: torch.Tensor) -> None:
+        """Store ``codes`` (indices into the map, in this tensor's shape), e.g. from calibrated rounding."""
+        self.codes.copy_(pack_bits_ref(self._stored_order(codes).reshape(-1), self.spec.bits))
+
+    def element_scales(self) -> torch.Tensor:
+        """The decoded scale of every element (its block's), in this tensor's shape."""
+        scales = self.decoded_scales()
+        block = torch.arange(self.shape.numel(), device=scales.device) // self.spec.blocksize
+        return self._own_order(scales[block])
 
     def _store_scales(self, scale: torch.Tensor) -> None:
         if self.spec.scale_format != "uint8":
@@ -152,12 +177,16 @@ class PackedTensor(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         flat = dequantize_blockwise(self.unpacked_codes(), self.decoded_scales(), self.qmap, self.spec.blocksize,
                                     dtype)
-        return flat.view(self.shape)
+        return self._own_order(flat)
 
     def gather_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Decode only the rows ``rows`` (any shape of indices) of a 2-D tensor: an embedding lookup."""
-        width, bits = self.shape[1], self.spec.bits
-        element = rows.reshape(-1, 1).long() * width + torch.arange(width, device=rows.device)  # [n, width]
+        height, width, bits = self.shape[0], self.shape[1], self.spec.bits
+        columns = torch.arange(width, device=rows.device)
+        if self.column_major:
+            element = columns * height + rows.reshape(-1, 1).long()  # [n, width] positions in the stream
+        else:
+            element = rows.reshape(-1, 1).long() * width + columns
         bit = element * bits
         # a code of <= 8 bits lies within two consecutive bytes of the stream
         padded = torch.nn.functional.pad(self.codes, (0, 1)).long()
@@ -174,4 +203,4 @@ class PackedTensor(nn.Module):
     def extra_repr(self) -> str:
         spec = self.spec
         return (f"shape={tuple(self.shape)}, bits={spec.bits}, blocksize={spec.blocksize}, map={spec.map}, "
-                f"scales={spec.scale_format}")
+                f"scales={spec.scale_format}, layout={spec.block_layout}")

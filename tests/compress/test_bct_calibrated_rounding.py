@@ -1,0 +1,83 @@
+"""Calibrated (GPTQ-style) rounding of packed codes, and column-major blocks: unit level, on small tensors."""
+
+import pytest
+import torch
+
+from effllm.compress.bct import BCTConfig, StoredSpec
+from effllm.compress.bct.calibrated_rounding import gptq_codes
+from effllm.compress.bct.packed_tensor import PackedTensor
+
+W4 = StoredSpec(4, 256, "fitted", "uint8", clip_search=True)
+
+
+def _correlated_inputs(n: int, features: int, seed: int) -> torch.Tensor:
+    """Inputs with strongly correlated features (a few shared factors plus noise), as real activations have."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(8, features, generator=torch.Generator().manual_seed(99))  # same factors for every seed
+    return torch.randn(n, 8, generator=generator) @ mixing + 0.1 * torch.randn(n, features, generator=generator)
+
+
+def _decode(packed: PackedTensor, codes: torch.Tensor) -> torch.Tensor:
+    return packed.qmap[codes.long()] * packed.element_scales()
+
+
+def test_calibrated_rounding_lowers_output_error_on_correlated_inputs():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96)
+    packed = PackedTensor.from_float(weight, W4)
+    calib, held_out = _correlated_inputs(2048, 96, seed=1), _correlated_inputs(1024, 96, seed=2)
+    hessian = 2 * calib.T @ calib / calib.shape[0]
+    nearest = packed.dequantize()
+    calibrated = _decode(packed, gptq_codes(weight, hessian, packed.element_scales(), packed.qmap))
+    reference = held_out @ weight.T
+    nearest_error = (held_out @ nearest.T - reference).square().mean()
+    calibrated_error = (held_out @ calibrated.T - reference).square().mean()
+    assert calibrated_error < 0.5 * nearest_error
+    # it trades weight error for output error: the weights themselves are further from the float ones
+    assert (calibrated - weight).square().mean() > (nearest - weight).square().mean()
+
+
+def test_identity_hessian_gives_nearest_rounding():
+    """With uncorrelated inputs of equal variance there is nothing to compensate: the codes are the nearest ones."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 40)
+    packed = PackedTensor.from_float(weight, W4)
+    codes = gptq_codes(weight, torch.eye(40), packed.element_scales(), packed.qmap, percdamp=0.0)
+    assert torch.equal(codes.reshape(-1), packed.unpacked_codes())
+
+
+def test_set_codes_round_trips_in_both_layouts():
+    torch.manual_seed(0)
+    weight = torch.randn(12, 20)
+    for layout in ("row_major", "column_major"):
+        packed = PackedTensor.from_float(weight, StoredSpec(4, 32, "fitted", block_layout=layout))
+        codes = torch.randint(0, 16, weight.shape, dtype=torch.uint8)
+        packed.set_codes_(codes)
+        assert torch.equal(packed.dequantize(), _decode(packed, codes))
+
+
+def test_column_major_blocks_isolate_an_outlier_column():
+    torch.manual_seed(0)
+    table = torch.randn(512, 64)
+    table[:, 5] *= 30  # one hidden dimension much larger than the others, as in real embeddings
+    row_major = PackedTensor.from_float(table, W4)
+    column_major = PackedTensor.from_float(table, StoredSpec(**{**W4.__dict__, "block_layout": "column_major"}))
+    normal = torch.arange(64) != 5
+    # the other dimensions no longer share their blocks' scale with the outlier
+    error = {name: ((p.dequantize() - table)[:, normal].square().sum() / table[:, normal].square().sum()).item()
+             for name, p in (("row", row_major), ("column", column_major))}
+    assert error["column"] < 0.5 * error["row"]
+    rows = torch.tensor([[0, 511], [7, 7]])
+    assert torch.equal(column_major.gather_rows(rows), column_major.dequantize()[rows])
+    assert column_major.nbytes() == row_major.nbytes()  # the layout costs nothing
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"linear_weights": {"rounding": "best"}}, "linear_weights.rounding must be one of"),
+    ({"embeddings": {"rounding": "gptq"}}, "embeddings.rounding must be 'nearest'"),
+    ({"linear_weights": {"damp": -1}}, "linear_weights.damp must be a number >= 0"),
+    ({"embeddings": {"block_layout": "diagonal"}}, "embeddings.block_layout must be one of"),
+])
+def test_bad_rounding_configs_name_the_problem(data, message):
+    with pytest.raises(ValueError, match=message):
+        BCTConfig.from_dict(data)
