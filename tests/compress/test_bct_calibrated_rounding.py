@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from effllm.compress.bct import BCTConfig, StoredSpec
+from effllm.compress.bct import BCTConfig, StoredSpec, compress
 from effllm.compress.bct.calibrated_rounding import gptq_codes
 from effllm.compress.bct.packed_tensor import PackedTensor
 
@@ -81,3 +81,57 @@ def test_column_major_blocks_isolate_an_outlier_column():
 def test_bad_rounding_configs_name_the_problem(data, message):
     with pytest.raises(ValueError, match=message):
         BCTConfig.from_dict(data)
+
+
+def _w4(rounding: str, act_bits=None) -> BCTConfig:
+    from dataclasses import replace
+
+    config = BCTConfig.uniform(4, act_bits)
+    # float embeddings: their rounding error (not calibrated) would hide the linears' in the comparison
+    return replace(config, linear_weights=replace(config.linear_weights, rounding=rounding),
+                   embeddings=StoredSpec(None))
+
+
+def _random_batches(count: int, seed: int, vocab: int = 300, seq: int = 11):
+    """Random texts over the first ``vocab`` tokens: a small vocabulary gives correlated hidden features, as
+    real text does (uniform ids over a random model's whole vocabulary give nearly isotropic ones)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [dict(input_ids=torch.randint(0, vocab, (4, seq), generator=generator),
+                 attention_mask=torch.ones(4, seq, dtype=torch.long)) for _ in range(count)]
+
+
+def test_compress_with_calibrated_rounding_is_closer_to_the_float_model(tiny_bert):
+    import copy
+
+    batch = _random_batches(1, seed=6, vocab=12)[0]  # held out: not among the calibration batches
+    with torch.no_grad():
+        reference = tiny_bert(**batch).last_hidden_state
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        calib = _random_batches(8, seed=5, vocab=12) if rounding == "gptq" else None
+        model = compress(copy.deepcopy(tiny_bert), _w4(rounding), calib=calib)
+        with torch.no_grad():
+            errors[rounding] = (model(**batch).last_hidden_state - reference).square().mean().item()
+    assert errors["gptq"] < 0.8 * errors["nearest"]
+
+
+def test_calibrated_rounding_changes_codes_only_and_round_trips(tiny_bert, batch, tmp_path):
+    import copy
+
+    import effllm
+    from effllm.compress.bct import save_compressed
+
+    nearest = compress(copy.deepcopy(tiny_bert), _w4("nearest", 8))
+    calibrated = compress(copy.deepcopy(tiny_bert), _w4("gptq", 8), calib=_random_batches(2, seed=5))
+    state_n, state_c = nearest.state_dict(), calibrated.state_dict()
+    changed = [name for name in state_n if not torch.equal(state_n[name], state_c[name])]
+    assert changed and all(name.endswith("weight_packed.codes") for name in changed)
+    save_compressed(calibrated, tmp_path / "out")
+    loaded = effllm.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, calibrated(**batch).last_hidden_state)
+
+
+def test_gptq_rounding_without_calibration_data_is_a_clear_error(tiny_bert):
+    with pytest.raises(ValueError, match="needs calibration data: pass calib="):
+        compress(tiny_bert, _w4("gptq"))

@@ -74,12 +74,21 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def compress(model: nn.Module, config: BCTConfig | None = None, shell: bool = False,
-             tied: dict[str, str] | None = None, aliases: dict[str, str] | None = None) -> nn.Module:
+             tied: dict[str, str] | None = None, aliases: dict[str, str] | None = None,
+             calib=None) -> nn.Module:
     """Compress ``model`` in place (and return it); see the module docstring. ``tied`` (head -> embedding) and
     ``aliases`` (head -> the parameter that is its bias) default to what the model's tied weights say; a shell
-    takes them from the saved folder."""
+    takes them from the saved folder. ``calib`` (model inputs: tokenizer-output dicts or id tensors) is needed
+    when ``linear_weights.rounding`` is ``gptq`` (calibrated_rounding.py)."""
     config = config or BCTConfig()
     family = family_of(model)
+    calibrated = not shell and config.linear_weights.bits is not None and config.linear_weights.rounding == "gptq"
+    if calibrated and calib is None:
+        raise ValueError("linear_weights.rounding 'gptq' needs calibration data: pass calib=[batches of model "
+                         "inputs], or set linear_weights.rounding to 'nearest'")
+    # calibrated rounding starts from the float weights, which the compressed layers no longer hold
+    float_weights = {name: module.weight.detach().float().clone() for name, module in model.named_modules()
+                     if isinstance(module, nn.Linear)} if calibrated else None
     # the dtype of what stays in floating point, before the packed tensors' scales come first (see save_compressed)
     float_dtype = getattr(model.config, "dtype", None) if shell else model.dtype
     if tied is None:
@@ -122,6 +131,10 @@ def compress(model: nn.Module, config: BCTConfig | None = None, shell: bool = Fa
     model.bct_config = config
     model.bct_tied = {"tied_heads": dict(tied), "bias_aliases": dict(aliases)}
     model.bct_float_dtype = float_dtype if isinstance(float_dtype, torch.dtype) else torch.float32
+    if calibrated:
+        from .calibrated_rounding import calibrate_rounding
+
+        calibrate_rounding(model, float_weights, calib)
     return model
 
 
