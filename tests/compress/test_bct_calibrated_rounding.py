@@ -135,3 +135,12 @@ def test_calibrated_rounding_changes_codes_only_and_round_trips(tiny_bert, batch
 def test_gptq_rounding_without_calibration_data_is_a_clear_error(tiny_bert):
     with pytest.raises(ValueError, match="needs calibration data: pass calib="):
         compress(tiny_bert, _w4("gptq"))
+
+
+def test_tiny_tensors_are_stored_at_8_bits():
+    spec = StoredSpec(4, 256, "fitted", "uint8", clip_search=True, min_low_bit_elements=1024)
+    tiny, large = PackedTensor.from_float(torch.randn(2, 384), spec), PackedTensor.from_float(torch.randn(4, 384), spec)
+    assert tiny.spec.bits == 8 and tiny.codes.numel() == 768
+    assert large.spec.bits == 4 and large.codes.numel() == 768
+    shell = PackedTensor((2, 384), spec)  # a loaded folder rebuilds the same layout from the shape alone
+    assert shell.spec.bits == 8 and shell.fitted_map.numel() == 256

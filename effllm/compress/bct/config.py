@@ -66,6 +66,9 @@ class StoredSpec:
     damp: float = 0.01  # gptq dampening, a fraction of the mean Hessian diagonal added to its diagonal
     token_weighting: str = "relative"  # gptq: see TOKEN_WEIGHTINGS
     block_layout: str = "row_major"
+    # a tensor of fewer elements is stored at 8 bits whatever ``bits`` says: its few blocks fit a low-bit grid
+    # poorly and its bytes do not matter (MiniLM's token-type embeddings: 768 elements, added to every token)
+    min_low_bit_elements: int = 1024
 
     def validate(self, where: str) -> None:
         _check_bits(where, self.bits)
@@ -75,6 +78,8 @@ class StoredSpec:
         _check_choice(f"{where}.rounding", self.rounding, ROUNDINGS)
         _check_choice(f"{where}.block_layout", self.block_layout, BLOCK_LAYOUTS)
         _check_choice(f"{where}.token_weighting", self.token_weighting, TOKEN_WEIGHTINGS)
+        if not isinstance(self.min_low_bit_elements, int) or self.min_low_bit_elements < 0:
+            raise ValueError(f"{where}.min_low_bit_elements must be an integer >= 0, got {self.min_low_bit_elements!r}")
         if not isinstance(self.damp, (int, float)) or self.damp < 0:
             raise ValueError(f"{where}.damp must be a number >= 0, got {self.damp!r}")
         if self.map == "dynamic" and self.bits is not None and self.bits < 2:
@@ -199,12 +204,16 @@ class BCTConfig:
         blocks of 256 (0.03 bits of scale per element): rounding to the nearest linear level in blocks of 64
         loses too much (docs/bct.md). Biases and LayerNorm parameters (0.1% of a model) stay at 8 bits.
         """
+        embeddings = None
         if weight_bits is not None and weight_bits <= 4:
             stored = StoredSpec(weight_bits, 256, "fitted", "uint8", clip_search=True)
+            # blocks down the columns: an embedding's outlier hidden dimensions get scales of their own
+            embeddings = StoredSpec(weight_bits, 256, "fitted", "uint8", clip_search=True,
+                                    block_layout="column_major")
         else:
             stored = StoredSpec(weight_bits)
         act = ActivationSpec(act_bits)
-        specs = dict(embeddings=stored, linear_weights=stored, activations=act, attention_scores=act,
+        specs = dict(embeddings=embeddings or stored, linear_weights=stored, activations=act, attention_scores=act,
                      attention_probs=act, layernorm=act, residual=act,
                      gelu=TableSpec(act_bits, 8.0), softmax=TableSpec(act_bits, 12.0))
         specs.update(overrides)

@@ -19,6 +19,8 @@ Buffers: ``codes`` uint8 [ceil(numel * bits / 8)], ``scales`` [nblocks] (fp32, f
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -82,7 +84,10 @@ class PackedTensor(nn.Module):
         super().__init__()
         if spec.bits is None:
             raise ValueError("a PackedTensor needs a bit width (spec.bits is null)")
-        self.shape, self.spec = torch.Size(shape), spec
+        self.shape = torch.Size(shape)
+        if spec.bits < 8 and self.shape.numel() < spec.min_low_bit_elements:
+            spec = replace(spec, bits=8)  # a tiny tensor: 8 bits cost nothing (StoredSpec.min_low_bit_elements)
+        self.spec = spec
         self.column_major = spec.block_layout == "column_major" and len(self.shape) == 2
         numel, blocks = self.shape.numel(), num_blocks(self.shape.numel(), spec.blocksize)
         self.register_buffer("codes", torch.zeros(packed_numel(numel, spec.bits), dtype=torch.uint8, device=device))
