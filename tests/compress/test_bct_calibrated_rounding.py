@@ -144,3 +144,28 @@ def test_tiny_tensors_are_stored_at_8_bits():
     assert large.spec.bits == 4 and large.codes.numel() == 768
     shell = PackedTensor((2, 384), spec)  # a loaded folder rebuilds the same layout from the shape alone
     assert shell.spec.bits == 8 and shell.fitted_map.numel() == 256
+
+
+def test_calibrated_rounding_on_a_tied_llama_leaves_the_tied_head_to_its_embedding():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from effllm.compress.bct.calibrated_rounding import calibrated_linears
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 12, (2, 9), generator=torch.Generator().manual_seed(3))
+    calib = [torch.randint(0, 12, (4, 9), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    with torch.no_grad():
+        reference = model(ids).logits
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        compressed = compress(copy.deepcopy(model), _w4(rounding), calib=calib if rounding == "gptq" else None)
+        with torch.no_grad():
+            errors[rounding] = (compressed(ids).logits - reference).square().mean().item()
+    assert len(calibrated_linears(compressed)) == 2 * 7  # q, k, v, o, gate, up, down; not the tied lm_head
+    assert errors["gptq"] < 0.5 * errors["nearest"]

@@ -79,8 +79,10 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor
 
 def calibrated_linears(model: nn.Module) -> dict[str, BCTLinear]:
     """The model's BCT linears (by module name) whose packed weight asks for calibrated rounding."""
+    # a tied head (BCTTiedLinear) reads its embedding's table: embeddings are never gptq-rounded
     return {name: module for name, module in model.named_modules() if isinstance(module, BCTLinear)
-            and isinstance(module.weight_packed, PackedTensor) and module.weight_packed.spec.rounding == "gptq"}
+            and isinstance(getattr(module, "weight_packed", None), PackedTensor)
+            and module.weight_packed.spec.rounding == "gptq"}
 
 
 def _run(model: nn.Module, batch) -> None:
