@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calib-passages", type=int, default=64)
     parser.add_argument("--settings", nargs="+", default=list(settings()), choices=list(settings()))
     parser.add_argument("--no-downstream", action="store_true", help="skip the downstream pair classification")
-    parser.add_argument("--train-paragraphs", type=int, default=1500, help="train.txt paragraphs for the head")
+    parser.add_argument("--train-paragraphs", type=int, default=1000, help="train.txt paragraphs for the head")
     parser.add_argument("--valid-paragraphs", type=int, default=300, help="train.txt paragraphs for its epoch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=str(RESULTS))

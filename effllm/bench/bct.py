@@ -76,7 +76,7 @@ class BCTBenchConfig:
     calib_passages: int = 64  # from train.txt, shuffled with ``seed``
     settings: tuple[str, ...] = tuple(settings())
     downstream: bool = True
-    train_pairs_from: int = 1500  # train.txt paragraphs for the head (after the calibration ones are skipped)
+    train_pairs_from: int = 1000  # train.txt paragraphs for the head (after the calibration ones are skipped)
     valid_pairs_from: int = 300
     head_epochs: int = 40
     seed: int = 0
