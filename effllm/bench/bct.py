@@ -76,7 +76,7 @@ class BCTBenchConfig:
     calib_passages: int = 64  # from train.txt, shuffled with ``seed``
     settings: tuple[str, ...] = tuple(settings())
     downstream: bool = True
-    train_pairs_from: int = 1000  # train.txt paragraphs for the head (after the calibration ones are skipped)
+    train_pairs_from: int = 1000  # consecutive train.txt paragraphs from the middle of the split, for the head
     valid_pairs_from: int = 300
     head_epochs: int = 40
     seed: int = 0
@@ -215,7 +215,7 @@ def run(config: BCTBenchConfig, on_row=None, log=print) -> list[dict]:
     fp32_bytes = _file_bytes(base, lambda m, d: m.save_pretrained(d))
 
     head = None
-    if config.downstream:  # consecutive train.txt paragraphs, after the calibration sample's share
+    if config.downstream:  # consecutive train.txt paragraphs (train split only: test stays unseen)
         log("downstream: embedding train/valid paragraphs with the fp32 encoder")
         offset = len(train_passages) // 2  # a stretch of the train split far from its start
         span = train_passages[offset: offset + config.train_pairs_from + config.valid_pairs_from]
