@@ -38,14 +38,11 @@ import torch
 from torch import nn
 
 from effllm.quant.fake_quant_linear import FakeQuantLinear, quantization_disabled
+from effllm.quant.layer_hessian import inverse_hessian_cholesky
 from effllm.quant.weight_quant import WeightQuantSpec, dequantize_weight, minmax_scales
 
 from .block_inputs import run_block
 from .hessian import collect_hessians, shared_input_groups
-
-DAMP_GROWTH = 10.0  # factor applied to the dampening when the damped Hessian is still not positive definite
-MAX_DAMP_ATTEMPTS = 8
-MIN_RELATIVE_DAMP = 1e-6  # dampening tried (× mean diag H) when percdamp is 0 and H is singular
 
 
 @dataclass
@@ -57,21 +54,6 @@ class GPTQResult:
     # [out, in] fp32: each weight as it was when rounded (the original plus the errors spread onto it), so
     # round-to-nearest of rounded_from / scale gives ``codes``: a starting point for learned rounding (CBQ).
     rounded_from: torch.Tensor | None = None
-
-
-def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``Uᵀ U = (H + λI)⁻¹``), λ = percdamp × mean(diag H)."""
-    mean_diagonal = hessian.diagonal().mean()
-    damp = percdamp * mean_diagonal
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for _ in range(MAX_DAMP_ATTEMPTS):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
-        if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0:
-                return upper
-        damp = torch.maximum(damp * DAMP_GROWTH, MIN_RELATIVE_DAMP * mean_diagonal)
-    raise RuntimeError(f"the Hessian is not positive definite even with dampening {damp.item():.3g}")
 
 
 @torch.no_grad()

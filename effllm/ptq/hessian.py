@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from effllm.quant.fake_quant_linear import FakeQuantLinear
+from effllm.quant.layer_hessian import HessianAccumulator
 from effllm.quant.weight_quant import fake_quant_activation
 
 from .block_inputs import run_block
@@ -23,24 +24,6 @@ from .block_inputs import run_block
 
 class _StopForward(Exception):
     """Raised by a hook once every linear of interest has seen its input: the rest of the block is not needed."""
-
-
-class HessianAccumulator:
-    """Running ``2/N Σ x xᵀ`` over the rows of every tensor added, in fp32."""
-
-    def __init__(self, features: int, device: torch.device | str | None = None):
-        self.outer_sum = torch.zeros(features, features, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, features]
-        self.outer_sum.addmm_(rows.T, rows)
-        self.count += rows.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ValueError("no inputs were recorded: the linear never ran on the calibration data")
-        return 2 * self.outer_sum / self.count
 
 
 def layer_input(linear: FakeQuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ tokens (``attention_mask == 0`` in a batch) are left out of the statistics.
 The Hessians are of what each linear really multiplies (its input after the activation quantizer), collected on
 the compressed model itself: with ``sequential`` each group of linears reading the same tensor (q/k/v) sees the
 already-calibrated layers before it, as GPTQ's "true sequential" does (one partial forward pass per group).
-The pieces shared with ``effllm.ptq`` (the Hessian accumulator and the damped inverse-Hessian Cholesky factor)
-are imported from it rather than copied.
+The pieces shared with GPTQ in ``effllm.ptq`` (the Hessian accumulator and the damped inverse-Hessian Cholesky
+factor) live in the core, ``effllm.quant.layer_hessian``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from effllm.kernels.blockwise import absmax_to_scale, nearest_code_ref
-from effllm.ptq.gptq import inverse_hessian_cholesky
-from effllm.ptq.hessian import HessianAccumulator
+from effllm.quant.layer_hessian import HessianAccumulator, inverse_hessian_cholesky
 
 from .layers import BCTLinear
 from .packed_tensor import PackedTensor
