@@ -110,9 +110,10 @@ def test_every_switch_changes_the_result(model, ids):
     spec = WeightQuantSpec(3, 16)
     ids = ids[:8]
     default = quantized_logits(model, ids, spec, CBQ(CBQConfig(**BRIEF)))
-    switches = {"window 1": dict(window=1, overlap=0), "no weight CFP": dict(cfp_weights=False),
+    switches = {"windows of 2, overlap 1": dict(window=2, overlap=1), "no weight CFP": dict(cfp_weights=False),
                 "no activation CFP": dict(cfp_activations=False), "no LoRA-Rounding": dict(lora_rounding=False),
-                "no KL": dict(kl_weight=0.0), "GPTQ start": dict(gptq_init=True)}
+                "no KL": dict(kl_weight=0.0), "nearest start": dict(gptq_init=False),
+                "learned step sizes": dict(lr_scale=5e-3)}
     for name, change in switches.items():
         logits = quantized_logits(model, ids, spec, CBQ(CBQConfig(**BRIEF, **change)))
         assert (logits - default).abs().max() > 1e-4, f"{name} left the result unchanged"
