@@ -4,8 +4,9 @@ For each window of ``config.window`` blocks the runner hands over (consecutive w
 ``config.overlap`` blocks), ``calibrate``:
 
 1. pre-processes the blocks not pre-processed in an earlier window (CFP: activation outliers scaled into the
-   norms' and linears' weights, then weight outliers truncated through the quantizers' ranges); blocks of the
-   overlap keep what the previous window learned and go on learning it;
+   norms' and linears' weights, then weight outliers truncated through the quantizers' ranges) and, with
+   ``gptq_init``, moves their weights to GPTQ's on those ranges (``gptq_initialize``); blocks of an overlap keep
+   what the previous window learned and go on learning it;
 2. learns, jointly for every linear of the window, the LoRA-Rounding factors and the step sizes, so the
    window's output on the quantized model's input approaches the full-precision window's output on the
    full-precision input (the runner's targets): loss = relative MSE + ``kl_weight`` * KL + rounding regulariser;
