@@ -22,12 +22,25 @@ state-free update, moments kept across refreshes, lr 1e-2 with the low-rank upda
 Writes benchmarks/results/frugal.json (curves included, so the plot can be redrawn), docs/frugal_curves.png and
 the ``frugal`` section of docs/benchmarks.md: the table with the reference code's figures beside ours (issue 6
 measured them with the same model, data and settings) and the targets of issue 6.
+
+``--reference-code PATH`` (a folder holding the FRUGAL authors' ``frugal/`` package, github.com/fzmushko/FRUGAL
+c7ebe4c, e.g. ``git archive HEAD frugal | tar -x -C PATH``; it is imported from there, never copied here) runs the
+reference optimizer in this harness next to ours, for the three Frugal settings (SVD rho=0.25, blocks rho=0.25,
+rho=0), and writes the pairwise comparison into the results file (``reference_comparison``; the other runs there
+are kept) and the ``frugal-reference`` section of docs/frugal.md. Runs already in the results file with the same
+settings (ours in ``runs``, the reference's in ``reference_comparison``) are not trained again (``--retrain``).
+The reference imports ``_dispatch_sqrt`` from ``torch.optim.optimizer``, which current torch no longer has: it is
+put back at run time (``math.sqrt`` of a number, ``Tensor.sqrt`` of a tensor, as torch had it) before the import.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_frugal.py --reference-code /tmp/frugal_ref
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import os
 import shlex
 import statistics
@@ -49,6 +62,8 @@ DEFAULT_JSON = REPO / "benchmarks" / "results" / "frugal.json"
 DEFAULT_PNG = REPO / "docs" / "frugal_curves.png"
 DEFAULT_DOC = REPO / "docs" / "benchmarks.md"
 DEFAULT_PROGRESS = REPO / "benchmarks" / "results" / "frugal.progress.json"
+DEFAULT_REFERENCE_PROGRESS = REPO / "benchmarks" / "results" / "frugal.reference-progress.json"
+DEFAULT_FRUGAL_DOC = REPO / "docs" / "frugal.md"
 
 ADAMW = "AdamW"
 GALORE = "GaLore-style (SVD ρ=0.25, no state-free, lr 1e-2)"
@@ -70,6 +85,16 @@ TARGET_LOSS_GAP = 0.02
 TARGET_MEMORY_FRUGAL = 0.55
 TARGET_MEMORY_FRUGAL_8BIT = 0.15
 TIMING_ROUNDS = 10
+# The reference code's optimizers run in this harness (--reference-code), each beside our run of the same setting.
+REF_SVD = "Reference FRUGAL SVD ρ=0.25 (GaloreAdamW)"
+REF_BLOCKS = "Reference FRUGAL blocks ρ=0.25 (BlockAdamW, ascending order)"
+REF_BLOCKS_RANDOM = "Reference FRUGAL blocks ρ=0.25 (BlockAdamW)"  # its default order: random
+REF_0 = "Reference FRUGAL ρ=0 (GaloreAdamW density 0)"
+# The reference projects a square weight's columns (its proj_side "std"), ours its rows (short side first, rows
+# when they are not longer): this run gives the reference our choice (its "left") for square weights only.
+REF_SVD_OUR_SIDE = "Reference FRUGAL SVD ρ=0.25, square weights projected on our side"
+REFERENCE_PAIRS = ((FRUGAL_025, REF_SVD), (FRUGAL_BLOCKS, REF_BLOCKS), (FRUGAL_0, REF_0),
+                   (FRUGAL_025, REF_SVD_OUR_SIDE), (FRUGAL_BLOCKS, REF_BLOCKS_RANDOM))
 
 
 @dataclass
@@ -96,10 +121,69 @@ class Settings:
                             intermediate_size=self.intermediate_size, max_seq_len=self.seq_len)
 
 
-def candidates(s: Settings) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
-    """Label -> factory(model). No weight decay anywhere (the reference's default)."""
+def load_reference(path: Path):
+    """The reference's ``frugal`` package from ``path`` (the folder holding ``frugal/``, or ``frugal/`` itself),
+    after putting back ``torch.optim.optimizer._dispatch_sqrt``, which it imports and current torch lacks."""
+    import torch.optim.optimizer as torch_optimizer
+
+    if not hasattr(torch_optimizer, "_dispatch_sqrt"):
+        def _dispatch_sqrt(x):  # torch <= 2.4's: the reference calls it on a float (bias correction)
+            return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+        torch_optimizer._dispatch_sqrt = _dispatch_sqrt
+    path = Path(path).resolve()
+    root = path.parent if (path / "__init__.py").exists() and path.name == "frugal" else path
+    if not (root / "frugal" / "__init__.py").exists():
+        raise SystemExit(f"--reference-code {path}: no frugal/__init__.py there")
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("frugal")
+    finally:
+        sys.path.remove(str(root))
+
+
+def reference_candidates(s: Settings, reference) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
+    """The reference's optimizers with our runs' settings: its AdamW inside (betas 0.9/0.999, eps 1e-8, bias
+    correction, as ours), weight decay 0 (its default is 0.01), the weights of its ``prepare_proj_params``
+    projected (every Linear in attention and MLP: the same weights as ours), update gap 200, moments reset at
+    each refresh, signSGD on the rest at the same lr. Blocks: its "ascending" order takes round(density x
+    count) consecutive weights per period, which here are ours (one Llama block's 7 weights, 25% of the
+    projected elements, first block 0, then block 1); its default "random" order (``torch.randperm``, seeded
+    here with the run's seed) too, for comparison."""
+    common = dict(lr=s.lr, weight_decay=0.0, update_gap=s.update_gap, reset_statistics=True,
+                  inactive_update_rule="sign_sgd", proj_params_lr_scale=1.0, inactive_lr_scale=1.0,
+                  no_deprecation_warning=True)
+
+    def svd(density):
+        return lambda m: reference.GaloreAdamW(reference.prepare_proj_params(m), density=density, proj_side="std",
+                                               proj_type="svd", **common)
+
+    def blocks(order):
+        def make(m):
+            torch.manual_seed(s.seed)  # "random" draws with torch.randperm
+            return reference.BlockAdamW(reference.prepare_proj_params(m), density=s.density, block_order=order,
+                                        **common)
+        return make
+
+    def svd_our_side(m):
+        regular, projected = reference.prepare_proj_params(m)
+        square = [p for p in projected["params"] if p.shape[0] == p.shape[1]]
+        groups = [regular, {"params": [p for p in projected["params"] if p.shape[0] != p.shape[1]],
+                            "is_proj_params": True}, {"params": square, "is_proj_params": True}]
+        optimizer = reference.GaloreAdamW(groups, density=s.density, proj_side="std", proj_type="svd", **common)
+        optimizer.param_groups[2]["proj_side"] = "left"  # read when its projectors are made, at the first step
+        return optimizer
+
+    return {REF_SVD: svd(s.density), REF_BLOCKS: blocks("ascending"), REF_0: svd(0.0),
+            REF_SVD_OUR_SIDE: svd_our_side, REF_BLOCKS_RANDOM: blocks("random")}
+
+
+def candidates(s: Settings, reference=None) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
+    """Label -> factory(model). No weight decay anywhere (the reference's default). With ``reference`` (the
+    reference's ``frugal`` package), its optimizers too (after ours)."""
     frugal = dict(lr=s.lr, update_gap=s.update_gap, projection="svd", seed=s.seed)
     # In this order (the issue's main comparisons first), so that an interrupted run already holds them.
+    extra = reference_candidates(s, reference) if reference is not None else {}
     return {
         ADAMW: lambda m: torch.optim.AdamW(m.parameters(), lr=s.lr, weight_decay=0.0),
         FRUGAL_025: lambda m: Frugal(m, density=s.density, inner="adamw", **frugal),
@@ -110,6 +194,7 @@ def candidates(s: Settings) -> dict[str, Callable[[torch.nn.Module], torch.optim
         FRUGAL_BLOCKS: lambda m: Frugal(m, density=s.density, inner="adamw", **{**frugal, "projection": "blocks"}),
         "AdamW8bit": lambda m: AdamW8bit(m.parameters(), lr=s.lr, weight_decay=0.0),
         "Frugal ρ=0, inner AdamW8bit": lambda m: Frugal(m, density=0.0, inner="adamw8bit", **frugal),
+        **extra,
     }
 
 
@@ -119,6 +204,17 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         return optimizer.state_bytes()
     return sum(value.numel() * value.element_size() for state in optimizer.state.values()
                for key, value in state.items() if torch.is_tensor(value) and key != "step")
+
+
+def projection_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The reference's SVD bases (``state["projector"].ortho_matrix``), which its state count leaves out."""
+    total = 0
+    for state in optimizer.state.values():
+        matrix = getattr(state.get("projector"), "ortho_matrix", None)
+        for tensor in matrix if isinstance(matrix, list) else [matrix]:
+            if torch.is_tensor(tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: list[torch.Tensor],
@@ -147,6 +243,7 @@ def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: li
     return {
         "final_valid_loss": curve[-1][1],
         "state_bytes": state_bytes(optimizer),
+        **({"projection_bytes": projection_bytes(optimizer)} if not hasattr(optimizer, "state_bytes") else {}),
         "step_s_median": statistics.median(step_seconds),
         "optimizer_step_ms_median": statistics.median(optimizer_seconds) * 1e3,
         "load_average_1m_at_start": load_at_start,
@@ -156,11 +253,11 @@ def train_one(make_optimizer, s: Settings, train_tokens: torch.Tensor, valid: li
 
 
 def time_optimizer_steps(s: Settings, labels: list[str], batch: torch.Tensor,
-                         rounds: int = TIMING_ROUNDS) -> dict[str, float]:
+                         rounds: int = TIMING_ROUNDS, reference=None) -> dict[str, float]:
     """Best optimizer-step milliseconds per label, the optimizers taking turns (so load hits all alike), each
     on a fresh model with one gradient. The warm-up round takes the first step's subspace choice (one SVD per
     weight, as every update_gap steps); the timed ones are the steps in between."""
-    factories = candidates(s)
+    factories = candidates(s, reference)
     prepared = {}
     for label in labels:
         model = build_tiny_llama(s.model_config(), seed=s.seed)
@@ -177,10 +274,13 @@ def time_optimizer_steps(s: Settings, labels: list[str], batch: torch.Tensor,
     return best
 
 
-def run_all(s: Settings, corpus: Path, only: list[str] | None = None, progress: Path | None = None) -> dict:
+def run_all(s: Settings, corpus: Path, only: list[str] | None = None, progress: Path | None = None,
+            reference=None, known_runs: dict | None = None) -> dict:
     """Train every candidate (or those in ``only``), then time their steps round-robin. With ``progress``,
     each finished run is saved there (atomically) and runs already saved with the same settings are not
-    repeated: an interrupted benchmark goes on where it stopped."""
+    repeated: an interrupted benchmark goes on where it stopped. ``reference``: the reference's ``frugal``
+    package, whose optimizers join the candidates. ``known_runs``: runs with these settings already measured
+    (label -> run), not trained again."""
     train_tokens = load_bytes(corpus / "train.txt", s.train_bytes)
     valid = sequential_batches(load_bytes(corpus / "valid.txt"), s.batch_size, s.seq_len, s.valid_batches)
     # Every run starts from the same weights, so the step-0 validation loss is measured once.
@@ -193,19 +293,24 @@ def run_all(s: Settings, corpus: Path, only: list[str] | None = None, progress: 
             raise SystemExit(f"{progress} holds runs with other settings: delete it or run with those settings")
         runs = saved["runs"]
         print(f"resuming: {', '.join(runs)} already done ({progress})", flush=True)
-    labels = [label for label in candidates(s) if not only or label in only]
+    for label, run in (known_runs or {}).items():
+        if label not in runs:
+            runs[label] = {key: value for key, value in run.items() if key != "optimizer_step_ms_best"}
+            print(f"{label}: taken from an earlier run with the same settings", flush=True)
+    factories = candidates(s, reference)
+    labels = [label for label in factories if not only or label in only]
     for label in labels:
         if label in runs:
             continue
         print(label, flush=True)
-        runs[label] = run = train_one(candidates(s)[label], s, train_tokens, valid, initial_valid)
+        runs[label] = run = train_one(factories[label], s, train_tokens, valid, initial_valid)
         print(f"  -> valid {run['final_valid_loss']:.4f}  state {run['state_bytes'] / 1e6:.2f} MB  "
               f"step {run['step_s_median']:.2f} s  optimizer {run['optimizer_step_ms_median']:.1f} ms", flush=True)
         if progress is not None:
             write_json(progress, {"settings": asdict(s), "runs": runs})
     runs = {label: runs[label] for label in labels}
     timing_batch = next(iter(random_batches(train_tokens, s.batch_size, s.seq_len, 1, seed=s.seed)))
-    for label, milliseconds in time_optimizer_steps(s, labels, timing_batch).items():
+    for label, milliseconds in time_optimizer_steps(s, labels, timing_batch, reference=reference).items():
         runs[label]["optimizer_step_ms_best"] = milliseconds
     if ADAMW in runs:
         reference = runs[ADAMW]
@@ -302,6 +407,82 @@ def reference_line(runs: dict) -> str:
     return line
 
 
+def max_curve_difference(a: dict, b: dict) -> float:
+    """Largest absolute difference of two runs' validation losses over their common evaluation steps."""
+    other = dict(map(tuple, b["valid_curve"]))
+    return max(abs(loss - other[step]) for step, loss in a["valid_curve"] if step in other)
+
+
+# Pairs of the same algorithm up to rounded (8-bit) states: their gaps give a rough scale of run-to-run noise.
+NOISE_PAIRS = ((ADAMW, "AdamW8bit"), (FRUGAL_025, FRUGAL_025_8BIT), (FRUGAL_0, "Frugal ρ=0, inner AdamW8bit"))
+
+
+def reference_comparison(runs: dict, noise_runs: dict) -> dict:
+    """Ours against the reference per setting (``REFERENCE_PAIRS``) in ``runs``, with the noise scale from
+    ``NOISE_PAIRS`` in ``noise_runs``."""
+    pairs = []
+    for ours_label, reference_label in REFERENCE_PAIRS:
+        if ours_label not in runs or reference_label not in runs:
+            continue
+        ours, reference = runs[ours_label], runs[reference_label]
+        pairs.append({
+            "ours": ours_label, "reference": reference_label,
+            "final_valid_loss_ours": ours["final_valid_loss"],
+            "final_valid_loss_reference": reference["final_valid_loss"],
+            "final_difference": ours["final_valid_loss"] - reference["final_valid_loss"],
+            "max_abs_curve_difference": max_curve_difference(ours, reference),
+            "state_bytes_ours": ours["state_bytes"], "state_bytes_reference": reference["state_bytes"],
+            "projection_bytes_reference": reference.get("projection_bytes", 0),
+        })
+    noise = [{"a": a, "b": b, "final_difference": noise_runs[b]["final_valid_loss"] - noise_runs[a]["final_valid_loss"],
+              "max_abs_curve_difference": max_curve_difference(noise_runs[a], noise_runs[b])}
+             for a, b in NOISE_PAIRS if a in noise_runs and b in noise_runs]
+    return {"pairs": pairs, "noise": noise}
+
+
+def reference_markdown(section: dict) -> str:
+    """The ``frugal-reference`` section of docs/frugal.md."""
+    comparison = section["comparison"]
+    rows = [[pair["ours"], pair["reference"], f"{pair['final_valid_loss_ours']:.4f}",
+             f"{pair['final_valid_loss_reference']:.4f}",
+             f"{pair['final_difference']:+.4f}", f"{pair['max_abs_curve_difference']:.4f}",
+             f"{pair['state_bytes_ours'] / 1e6:.2f}", f"{pair['state_bytes_reference'] / 1e6:.2f}",
+             f"{pair['projection_bytes_reference'] / 1e6:.2f}"] for pair in comparison["pairs"]]
+    table = markdown_table(["ours", "reference", "valid loss ours", "valid loss reference", "ours - reference",
+                            "max abs curve difference", "state MB ours", "state MB reference (its count)",
+                            "reference's SVD bases MB (not in its count)"], rows)
+    noise = markdown_table(["pair (same algorithm, 8-bit states)", "final difference", "max abs curve difference"],
+                           [[f"{n['b']} - {n['a']}", f"{n['final_difference']:+.4f}",
+                             f"{n['max_abs_curve_difference']:.4f}"] for n in comparison["noise"]])
+    s = section["settings"]
+    return "\n".join([
+        "### Side by side with the reference code in one harness",
+        "",
+        f"Written by `benchmarks/bench_frugal.py`: `{section['command'].strip()}`.",
+        f"Machine: {machine_line(section['machine'])}.",
+        "",
+        "The FRUGAL authors' optimizers (github.com/fzmushko/FRUGAL, commit c7ebe4c, imported from a checkout "
+        "of its `frugal/` folder; `torch.optim.optimizer._dispatch_sqrt`, which it imports and current torch "
+        "lacks, put back at run time) trained in our harness: the same model, initial weights, batches, "
+        f"seed {s['seed']}, {s['steps']} steps, lr {s['lr']:g}, no schedule, weight decay 0, update gap "
+        f"{s['update_gap']}, moments reset at refreshes, signSGD on the rest. SVD: `GaloreAdamW` density "
+        f"{s['density']:g} (also with square weights projected on our side, rows, where the reference takes "
+        f"columns); blocks: `BlockAdamW` density {s['density']:g}, order ascending (the same blocks as ours: "
+        "one Llama block's 7 weights per period, block 0 then block 1) and its default random (blocks drawn "
+        "with torch.randperm, seeded); rho=0: `GaloreAdamW` density 0. Curve differences are over the "
+        "validation points every "
+        f"{s['eval_every']} steps. State MB: `state_bytes()` for ours, the state tensors but the step "
+        "counters for the reference (its projector objects are not tensors in its state).",
+        "",
+        table,
+        "",
+        "Noise scale (one seed each, so a rough scale, not an interval): pairs from the full run in "
+        "`benchmarks/results/frugal.json` that differ only in rounded 8-bit states.",
+        "",
+        noise,
+    ])
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -352,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="write neither the JSON, the PNG nor the doc")
     parser.add_argument("--from-json", action="store_true",
                         help="train nothing: redraw the PNG and rewrite the doc section from the results file")
+    parser.add_argument("--reference-code", type=Path,
+                        help="folder holding the FRUGAL reference's frugal/ package: run its optimizers beside ours "
+                             "for the three Frugal settings (add --only to choose labels)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="with --reference-code: train every run again instead of taking those measured with "
+                             "the same settings from --json")
+    parser.add_argument("--frugal-doc", type=Path, default=DEFAULT_FRUGAL_DOC,
+                        help="markdown file with the frugal-reference section")
     parser.add_argument("--progress", type=Path, default=DEFAULT_PROGRESS,
                         help="finished runs are kept here until the whole benchmark is done; a rerun with the "
                              "same settings resumes from it")
@@ -361,7 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.json.read_text(encoding="utf-8"))
         plot(results, args.png)
         update_markdown_section(args.doc, "frugal", markdown(results))
+        if "reference_comparison" in results:
+            update_markdown_section(args.frugal_doc, "frugal-reference",
+                                    reference_markdown(results["reference_comparison"]))
         return 0
+    if args.reference_code is not None:
+        return run_reference(args, settings)
     progress = None if args.no_docs else args.progress
     results = run_all(settings, args.corpus, args.only, progress)
     text = markdown(results)
@@ -374,6 +568,37 @@ def main(argv: list[str] | None = None) -> int:
     update_markdown_section(args.doc, "frugal", text)
     if not args.only:
         progress.unlink(missing_ok=True)  # complete: the results file holds everything
+    return 0
+
+
+def run_reference(args, settings: Settings) -> int:
+    """--reference-code: the reference's optimizers beside ours; the comparison goes into the results file
+    (its other runs kept) and docs/frugal.md."""
+    reference = load_reference(args.reference_code)
+    saved = json.loads(args.json.read_text(encoding="utf-8")) if args.json.exists() else None
+    known = {}
+    if saved is not None and saved["settings"] == asdict(settings) and not args.retrain:
+        known = {label: saved["runs"][label] for label, _ in REFERENCE_PAIRS if label in saved["runs"]}
+    earlier = (saved or {}).get("reference_comparison")
+    if earlier is not None and earlier["settings"] == asdict(settings) and not args.retrain:
+        known.update({label: run for label, run in earlier["runs"].items() if label not in known})
+    progress = None if args.no_docs else (
+        DEFAULT_REFERENCE_PROGRESS if args.progress == DEFAULT_PROGRESS else args.progress)
+    only = args.only or list(dict.fromkeys(label for pair in REFERENCE_PAIRS for label in pair))
+    results = run_all(settings, args.corpus, only, progress, reference=reference, known_runs=known)
+    noise_runs = saved["runs"] if saved is not None and saved["settings"] == asdict(settings) else results["runs"]
+    section = {key: results[key] for key in ("command", "machine", "settings", "runs")}
+    section["taken_from_earlier_runs"] = sorted(known)
+    section["comparison"] = reference_comparison(results["runs"], noise_runs)
+    text = reference_markdown(section)
+    print(text)
+    if args.no_docs:
+        return 0
+    out = saved if saved is not None else {"benchmark": "frugal", "settings": asdict(settings), "runs": {}}
+    out["reference_comparison"] = section
+    write_json(args.json, out)
+    update_markdown_section(args.frugal_doc, "frugal-reference", text)
+    progress.unlink(missing_ok=True)
     return 0
 
 

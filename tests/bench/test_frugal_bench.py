@@ -70,3 +70,52 @@ def test_an_interrupted_run_resumes_from_its_progress_file(bench, corpus, tmp_pa
 
     with pytest.raises(SystemExit, match="other settings"):
         bench.run_all(tiny(bench, steps=3), corpus, only=[bench.ADAMW], progress=progress)
+
+
+FAKE_REFERENCE = '''
+import torch
+from torch.optim.optimizer import _dispatch_sqrt  # as the reference does: the bench must provide it
+
+
+def prepare_proj_params(model):
+    projected = [m.weight for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ("attn" in name or "mlp" in name)]
+    ids = {id(p) for p in projected}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids], "is_proj_params": False},
+            {"params": projected, "is_proj_params": True}]
+
+
+class GaloreAdamW(torch.optim.AdamW):
+    def __init__(self, params, lr, weight_decay, no_deprecation_warning=False, **options):
+        assert _dispatch_sqrt(4.0) == 2.0
+        super().__init__([{"params": group["params"]} for group in params], lr=lr, weight_decay=weight_decay)
+
+
+BlockAdamW = GaloreAdamW
+'''
+
+
+def test_reference_code_runs_beside_ours_and_keeps_the_other_runs(bench, corpus, tmp_path):
+    """--reference-code with a stand-in for the reference's frugal/ package (the real one is not needed)."""
+    package = tmp_path / "ref" / "frugal"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_REFERENCE)
+    s = tiny(bench)
+    results_file, doc = tmp_path / "frugal.json", tmp_path / "frugal.md"
+    earlier = bench.run_all(s, corpus, only=[bench.FRUGAL_025, bench.ADAMW, "AdamW8bit"])
+    results_file.write_text(json.dumps(earlier))
+    args = bench.argparse.Namespace(reference_code=package.parent, json=results_file, frugal_doc=doc, corpus=corpus,
+                                    only=[bench.FRUGAL_025, bench.REF_SVD, bench.REF_SVD_OUR_SIDE], retrain=False,
+                                    no_docs=False, progress=tmp_path / "progress.json")
+    try:
+        assert bench.run_reference(args, s) == 0
+    finally:
+        sys.modules.pop("frugal", None)
+    saved = json.loads(results_file.read_text())
+    assert list(saved["runs"]) == list(earlier["runs"])  # the full run's figures are kept
+    section = saved["reference_comparison"]
+    assert section["taken_from_earlier_runs"] == [bench.FRUGAL_025]
+    assert [pair["reference"] for pair in section["comparison"]["pairs"]] == [bench.REF_SVD, bench.REF_SVD_OUR_SIDE]
+    assert [n["b"] for n in section["comparison"]["noise"]] == ["AdamW8bit"]
+    assert "Side by side with the reference code" in doc.read_text()
+    assert not (tmp_path / "progress.json").exists()
