@@ -126,7 +126,11 @@ def test_glue_pairs_regression_and_three_classes(fixtures, classifiers):
                                progress=False)
         by_hand = _by_hand(classifiers[labels], rows, regression=labels == 1)
         assert result.predictions == pytest.approx(by_hand, abs=1e-5)
-        assert result.metrics == pytest.approx(glue_metrics(spec, by_hand, [row[-1] for row in rows]), rel=1e-4)
+        # the metrics of the predictions it made (batched predictions move in the 6th digit with the thread count,
+        # and a Pearson over a few rows amplifies that beyond any fixed tolerance against by_hand's)
+        labels_ = [row[-1] for row in rows]
+        assert result.metrics == pytest.approx(glue_metrics(spec, result.predictions, labels_), rel=1e-6)
+        assert result.metrics == pytest.approx(glue_metrics(spec, by_hand, labels_), rel=1e-2)
         assert set(result.metrics) == set(spec.metrics)
 
 
