@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from effllm.quant.fake_quant_linear import FakeQuantLinear
-from effllm.quant.layer_hessian import HessianAccumulator
+from effllm.quant.layer_hessian import HessianAccumulator, group_by_shared_input
 from effllm.quant.weight_quant import fake_quant_activation
 
 from .block_inputs import run_block
@@ -42,24 +42,8 @@ def shared_input_groups(block: nn.Module, sample: torch.Tensor, kwargs: dict) ->
     One forward pass on ``sample`` (a slice of the block's inputs) records each linear's first input; linears
     receiving the same tensor object form one group. Linears that never run are left out.
     """
-    seen: list[tuple[torch.Tensor, list[FakeQuantLinear]]] = []  # keeps the tensors alive: no id reuse
-
-    def record(module, args):
-        if any(module in members for _, members in seen):
-            return
-        for tensor, members in seen:
-            if tensor is args[0]:
-                members.append(module)
-                return
-        seen.append((args[0], [module]))
-
-    handles = [linear.register_forward_pre_hook(record) for linear in fake_quant_linears(block)]
-    try:
-        run_block(block, sample, kwargs, batch_size=sample.shape[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [members for _, members in seen]
+    return group_by_shared_input(fake_quant_linears(block),
+                                 lambda: run_block(block, sample, kwargs, batch_size=sample.shape[0]))
 
 
 @torch.no_grad()

@@ -7,7 +7,10 @@ over the N calibration rows; error feedback needs the upper Cholesky factor of i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 DAMP_GROWTH = 10.0  # factor applied to the dampening when the damped Hessian is still not positive definite
 MAX_DAMP_ATTEMPTS = 8
@@ -45,3 +48,27 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Te
                 return upper
         damp = torch.maximum(damp * DAMP_GROWTH, MIN_RELATIVE_DAMP * mean_diagonal)
     raise RuntimeError(f"the Hessian is not positive definite even with dampening {damp.item():.3g}")
+
+
+@torch.no_grad()
+def group_by_shared_input(linears: list[nn.Module], run: Callable[[], object]) -> list[list[nn.Module]]:
+    """``linears`` grouped by the tensor object they read during ``run()`` (q/k/v share one, so one Hessian),
+    groups in execution order; linears that never run are left out."""
+    seen: list[tuple[torch.Tensor, list[nn.Module]]] = []  # keeps the tensors alive: no id reuse
+
+    def record(module, args):
+        if any(module in members for _, members in seen):
+            return
+        for tensor, members in seen:
+            if tensor is args[0]:
+                members.append(module)
+                return
+        seen.append((args[0], [module]))
+
+    handles = [linear.register_forward_pre_hook(record) for linear in linears]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [members for _, members in seen]

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from effllm.kernels.blockwise import absmax_to_scale, nearest_code_ref
-from effllm.quant.layer_hessian import HessianAccumulator, inverse_hessian_cholesky
+from effllm.quant.layer_hessian import HessianAccumulator, group_by_shared_input, inverse_hessian_cholesky
 
 from .layers import BCTLinear
 from .packed_tensor import PackedTensor
@@ -95,24 +95,7 @@ def _run(model: nn.Module, batch) -> None:
 def shared_input_groups(model: nn.Module, linears: list[BCTLinear], sample) -> list[list[BCTLinear]]:
     """``linears`` grouped by the tensor they read (q/k/v share one), groups in execution order; linears that
     never run on ``sample`` are left out."""
-    seen: list[tuple[torch.Tensor, list[BCTLinear]]] = []  # keeps the tensors alive: no id reuse
-
-    def record(module, args):
-        if any(module in members for _, members in seen):
-            return
-        for tensor, members in seen:
-            if tensor is args[0]:
-                members.append(module)
-                return
-        seen.append((args[0], [module]))
-
-    handles = [linear.register_forward_pre_hook(record) for linear in linears]
-    try:
-        _run(model, sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [members for _, members in seen]
+    return group_by_shared_input(linears, lambda: _run(model, sample))
 
 
 @torch.no_grad()
