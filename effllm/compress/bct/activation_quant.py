@@ -1,10 +1,11 @@
 """``ActivationQuantizer``: re-quantizes an intermediate result blockwise, as an integer pipeline would hand it on.
 
 The last dimension is cut into blocks of ``blocksize`` (blocks never straddle two tokens, so no token's scale
-depends on another's), each block is quantized with the core's ``quantize_blockwise`` and decoded again: what
+depends on another's), each block is quantized as the core's ``quantize_blockwise`` does and decoded again: what
 the next operation sees is exactly what ``bits``-bit codes plus one fp32 scale per block can represent. When
 ``blocksize`` does not divide the last dimension, the last dimension is zero-padded to whole blocks (padding
-does not change any block's absmax).
+does not change any block's absmax). The work is one kernel, ``effllm.kernels.requantize.requantize_blockwise``
+(Triton on GPUs, the C kernels on CPU), equal bit for bit to quantize-then-dequantize with the core.
 """
 
 from __future__ import annotations
@@ -12,22 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effllm.kernels.blockwise import dequantize_blockwise, quantize_blockwise
 from effllm.kernels.quant_maps import make_map
+from effllm.kernels.requantize import requantize_blockwise
 
 from .config import ActivationSpec
 
 
 def fake_quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Quantize-dequantize ``x`` in blocks along its last dimension; same shape and dtype."""
-    width = x.shape[-1]
-    pad = -width % blocksize
-    rows = x.detach().reshape(-1, width).float()
-    if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad))
-    codes, absmax = quantize_blockwise(rows, qmap, blocksize)
-    decoded = dequantize_blockwise(codes, absmax, qmap, blocksize).view(rows.shape)
-    return decoded[:, :width].reshape(x.shape).to(x.dtype)
+    """Quantize-dequantize ``x`` in blocks along its last dimension; same shape and dtype (detached)."""
+    return requantize_blockwise(x, qmap, blocksize)
 
 
 class ActivationQuantizer(nn.Module):
