@@ -1,15 +1,19 @@
 """The compressed layers that replace a model's own: linear (and a head tied to an embedding), embedding,
 LayerNorm and RMSNorm.
 
-Each stores its weight as a ``PackedTensor`` (the weight is never kept in floating point; it is decoded for the
-matmul, which is what a dequantize-on-the-fly kernel does), quantizes its input and output blockwise, and has a
-``shell`` constructor (right shapes, empty buffers) that ``effllm.load`` fills from a saved folder.
+Each stores its weight as a ``PackedTensor`` (the weight is never kept in floating point), quantizes its input and
+output blockwise, and has a ``shell`` constructor (right shapes, empty buffers) that ``effllm.load`` fills from a
+saved folder. A linear's matmul runs on the Triton backend as ``blockwise_matmul``, which decodes the packed weight
+tile by tile inside the kernel; elsewhere the weight is decoded (by the C kernel on CPU) and handed to torch.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from effllm.kernels import backend_for
+from effllm.kernels.blockwise_matmul import blockwise_matmul
 
 from .activation_quant import ActivationQuantizer
 from .config import ActivationSpec, StoredSpec
@@ -44,14 +48,26 @@ class BCTLinear(nn.Module):
         self.input_quant = ActivationQuantizer(act_spec)
         self.output_quant = ActivationQuantizer(act_spec)
 
+    def stored_weight(self) -> PackedTensor | torch.Tensor:
+        """The weight as stored: a ``PackedTensor`` [out_features, in_features], or a float parameter."""
+        return self.weight_packed
+
     def decoded_weight(self) -> torch.Tensor:
-        return _decoded(self.weight_packed)
+        return _decoded(self.stored_weight())
 
     def decoded_bias(self) -> torch.Tensor | None:
         return _decoded(self.bias_packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(self.input_quant(x).float(), self.decoded_weight(), self.decoded_bias())
+        xq = self.input_quant(x).float()
+        stored = self.stored_weight()
+        if isinstance(stored, PackedTensor) and backend_for(stored.codes) == "triton":
+            # the packed weight is decoded tile by tile inside the matmul kernel, never as a whole
+            y = blockwise_matmul(xq, stored.codes, stored.decoded_scales(), stored.qmap, stored.spec.bits,
+                                 stored.spec.blocksize, self.out_features, self.in_features, stored.column_major,
+                                 self.decoded_bias())
+        else:
+            y = nn.functional.linear(xq, self.decoded_weight(), self.decoded_bias())
         return self.output_quant(y).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -93,8 +109,8 @@ class BCTTiedLinear(BCTLinear):
         owner, attribute = self._bias_alias
         return getattr(owner, attribute)
 
-    def decoded_weight(self) -> torch.Tensor:
-        return _decoded(self.embedding.weight_packed)
+    def stored_weight(self) -> PackedTensor | torch.Tensor:
+        return self.embedding.weight_packed
 
     def decoded_bias(self) -> torch.Tensor | None:
         alias = self.aliased_bias()
