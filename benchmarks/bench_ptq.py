@@ -21,6 +21,8 @@ from effllm.bench.ptq import METHODS, SETTINGS, PTQBenchConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ptq.json"
+# llm-compressor's GPTQ on the same protocol, written by bench_ptq_llmcompressor.py (it needs its own environment)
+LLMCOMPRESSOR_RESULTS = ROOT / "benchmarks" / "results" / "ptq_llmcompressor.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "ptq_bits.png"
 
@@ -41,7 +43,28 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         "bits/weight counts packed codes, scales and zeros of the quantized linears.",
         "",
         harness.markdown_table(header, body),
+        "",
+        *target_lines(rows),
+        "",
+        "`gptq (llm-compressor)` rows: `python benchmarks/bench_ptq_llmcompressor.py` (llm-compressor 0.14 in its own "
+        "environment, same calibration ids and evaluation; the compressed-tensors export is reloaded by transformers "
+        "and that model is evaluated).",
     ])
+
+
+def render() -> None:
+    """Rewrite the docs section and the plot from the saved rows (ours and llm-compressor's)."""
+    saved = json.loads(RESULTS.read_text())
+    rows = list(saved["rows"])
+    if LLMCOMPRESSOR_RESULTS.exists():
+        other = json.loads(LLMCOMPRESSOR_RESULTS.read_text())
+        if all(other["config"].get(k) == saved["config"].get(k) for k in _ROW_DEFINING):
+            rows += other["rows"]
+        else:
+            print(f"{LLMCOMPRESSOR_RESULTS} was measured with another protocol: left out of the table")
+    rows.sort(key=row_order)
+    harness.update_markdown_section(DOC, "ptq", markdown(rows, saved["machine"], saved.get("command", "")))
+    plot(rows, PLOT)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -53,11 +76,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     key = "ppl@512"
     fp = next((r for r in rows if r["method"] == "fp32"), None)
-    for method in METHODS:
+    for method in ROW_METHODS[1:]:
         points = sorted((r["bits_per_weight"], r[key], r["setting"]) for r in rows
                         if r["method"] == method and key in r and "A16" in r["setting"])
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method.upper())
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=method.upper().replace("LLM-COMPRESSOR", "llm-compressor"))
     if fp and key in fp:
         ax.axhline(fp[key], color="black", linestyle="--", linewidth=1, label=f"fp32 ({fp[key]:.1f})")
     ax.set_yscale("log")
@@ -75,10 +99,43 @@ def plot(rows: list[dict], path: Path) -> None:
 _ROW_DEFINING = ("model", "calib", "nsamples", "calib_seqlen", "eval_text", "eval_max_chars", "eval_seqlens")
 
 
+ROW_METHODS = ["fp32", "rtn", "gptq (llm-compressor)", *METHODS[1:]]
+
+
 def row_order(row: dict) -> tuple[int, int]:
-    """fp32 first, then settings and methods in their declared order."""
-    settings, methods = ["fp32", *SETTINGS], ["fp32", *METHODS]
-    return settings.index(row["setting"]), methods.index(row["method"])
+    """fp32 first, then settings and methods in their declared order (llm-compressor's GPTQ before ours)."""
+    return ["fp32", *SETTINGS].index(row["setting"]), ROW_METHODS.index(row["method"])
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The issue's targets, each with what was measured (only where the rows to judge it exist)."""
+    by = {(r["method"], r["setting"]): r for r in rows}
+    key = "ppl@512"
+    fp = by.get(("fp32", "fp32"), {}).get(key)
+    lines = []
+    for setting in SETTINGS:
+        ppl = {m: by[(m, setting)][key] for m in ("rtn", "gptq", "cbq", "gptq (llm-compressor)")
+               if (m, setting) in by and key in by[(m, setting)]}
+        if {"rtn", "gptq", "cbq"} <= ppl.keys():
+            met = ppl["cbq"] < ppl["gptq"] < ppl["rtn"]
+            lines.append(f"| {setting}: CBQ < GPTQ < RTN | {ppl['cbq']:.2f} / {ppl['gptq']:.2f} / {ppl['rtn']:.2f} "
+                         f"| {'yes' if met else 'no'} |")
+        if {"gptq", "gptq (llm-compressor)"} <= ppl.keys():
+            met = ppl["gptq"] <= ppl["gptq (llm-compressor)"]
+            lines.append(f"| {setting}: effllm GPTQ <= llm-compressor GPTQ | {ppl['gptq']:.2f} vs "
+                         f"{ppl['gptq (llm-compressor)']:.2f} | {'yes' if met else 'no'} |")
+    for setting, limit in (("W4A16 g64", 1.08), ("W3A16 g64", 1.5), ("W2A16 g64", 4.0)):
+        row = by.get(("cbq", setting))
+        if fp and row and key in row:
+            ratio = row[key] / fp
+            met = "yes" if ratio <= limit else "no"
+            lines.append(f"| CBQ {setting} within {limit}x of fp32 | {ratio:.3f}x | {met} |")
+    cbq_times = [r["seconds"] for r in rows if r["method"] == "cbq"]
+    if cbq_times:
+        slowest = max(cbq_times)
+        lines.append(f"| CBQ quantizes the model in under 30 minutes | {slowest / 60:.1f} min at most "
+                     f"| {'yes' if slowest < 1800 else 'no'} |")
+    return ["| target | measured (ppl@512) | met |", "|---|---|---|", *lines] if lines else []
 
 
 def previous_rows(config) -> list[dict]:
@@ -129,9 +186,8 @@ def main() -> None:
         rows[:] = sorted([r for r in rows if (r["method"], r["setting"]) != (row["method"], row["setting"])] + [row],
                          key=row_order)
         print(json.dumps(row), flush=True)
-        harness.write_json(RESULTS, {"machine": info, "config": config.__dict__, "rows": rows})
-        harness.update_markdown_section(DOC, "ptq", markdown(rows, info, command))
-        plot(rows, PLOT)
+        harness.write_json(RESULTS, {"machine": info, "config": config.__dict__, "command": command, "rows": rows})
+        render()
 
     run(config, progress=True, on_row=save, done=frozenset((r["method"], r["setting"]) for r in rows))
 
