@@ -9,12 +9,25 @@ are kept in file order, and the first N are used, each truncated to ``max_length
 
 Downstream task, "does passage B directly follow passage A?": a positive pair is two consecutive kept
 paragraphs of one split, a negative pair is A with a random other paragraph of the same split (never A's
-neighbours); every A gives one of each, so the classes are balanced. The features are those of a sentence-pair
-classifier on sentence embeddings, ``[u, v, |u - v|, u * v]`` of the L2-normalised embeddings; the head (an MLP)
-is trained on the fp32 encoder's embeddings of train-split pairs (the encoder stays frozen: fine-tuning it on a
-shared 2-core CPU does not fit the time), the epoch is chosen on valid pairs (also from train.txt, disjoint
-paragraphs), and test pairs come from the benchmark's test passages. Each compressed encoder is judged by the
-accuracy of that same head on its own embeddings of the test pairs.
+neighbours); every A gives one of each, so the classes are balanced. Test pairs always come from the benchmark's
+test passages (``make_pairs`` with seed ``seed + 2``). Two downstream models (``BCTBenchConfig.downstream``):
+
+* ``"finetune"`` (default): the whole encoder fine-tuned as a cross-encoder (``bct_finetune.py``):
+  ``AutoModelForSequenceClassification`` (BERT pooler + a new 2-way linear) on ``tokenizer(a, b, truncation=True,
+  max_length=128)``; 6398 training pairs from 3200 consecutive paragraphs in the middle of train.txt, 598
+  validation pairs from the first 300 paragraphs of valid.txt (other documents); AdamW lr 5e-5, weight decay 0.01,
+  10% linear warm-up then linear decay, batch 16 grouped by length, 400 steps (one epoch), gradient norm clipped
+  at 1, seed 0; the weights of the best of the validation checks (every 80 steps) are kept. The model is cached
+  outside the repository (``~/.cache/effllm/bench_bct_finetune/<hash of the config>``), so reruns skip training.
+  Each setting compresses a copy of the fine-tuned model (pooler and classifier included) with the same
+  ``BCTConfig`` as the encoder; gptq settings calibrate it on ``calib_pairs`` of its own training pairs (text
+  pairs, as it reads them).
+* ``"head"``: the encoder stays frozen; an MLP head on the pair features of a sentence-pair classifier on sentence
+  embeddings, ``[u, v, |u - v|, u * v]`` of the L2-normalised embeddings, is trained on the fp32 encoder's
+  embeddings of train-split pairs, the epoch is chosen on valid pairs (also from train.txt, disjoint paragraphs).
+  Each compressed encoder is judged by the accuracy of that same head on its own embeddings of the test pairs.
+
+``"none"`` skips the downstream task.
 """
 
 from __future__ import annotations
@@ -25,13 +38,18 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from effllm.compress.bct.calibration_data import MIN_PASSAGE_CHARS, calibration_batches, load_passages
 
+if TYPE_CHECKING:
+    from effllm.bench.bct_finetune import FinetuneConfig
+
 HEAD_HIDDEN = 256
+DOWNSTREAM_CHOICES = ("finetune", "head", "none")
 
 
 def default_model_path() -> str:
@@ -69,10 +87,13 @@ class BCTBenchConfig:
     batch_size: int = 32
     calib_passages: int = 64  # from train.txt, shuffled with ``seed``
     settings: tuple[str, ...] = tuple(settings())
-    downstream: bool = True
+    downstream: str = "finetune"  # one of DOWNSTREAM_CHOICES
     train_pairs_from: int = 1000  # consecutive train.txt paragraphs from the middle of the split, for the head
     valid_pairs_from: int = 300
     head_epochs: int = 40
+    finetune: FinetuneConfig | None = None  # default: FinetuneConfig() with this config's model, corpus and seed
+    finetune_cache: str | None = None  # default: bct_finetune.DEFAULT_CACHE_ROOT
+    calib_pairs: int = 64  # training pairs of the fine-tune, for gptq settings of the fine-tuned classifier
     seed: int = 0
 
 
@@ -182,12 +203,55 @@ def _file_bytes(model: nn.Module, save) -> int:
         return (out / "model.safetensors").stat().st_size
 
 
+@dataclass
+class _FinetunedDownstream:
+    """The fine-tuned classifier, the test pairs as it reads them, and its gptq calibration pairs."""
+
+    model: nn.Module
+    test_batches: list
+    test_labels: torch.Tensor
+    calib: list | None
+    fp32_file_bytes: int
+    record: dict
+
+
+def _finetuned_downstream(config: BCTBenchConfig, test_passages: list[str], needs_calib: bool,
+                          log) -> _FinetunedDownstream:
+    from effllm.bench.bct_finetune import (
+        FinetuneConfig,
+        calibration_pairs,
+        evaluation_batches,
+        finetuned_classifier,
+        pair_set,
+        task_pairs,
+    )
+
+    finetune = config.finetune or FinetuneConfig(model=config.model, corpus=config.corpus, seed=config.seed)
+    model, tokenizer, record = finetuned_classifier(finetune, config.finetune_cache, log)
+    log(f"fine-tuned classifier: best step {record['best_step']}, valid accuracy {record['valid_accuracy']}")
+    test = pair_set(test_passages, config.seed + 2)  # the same pairs as the head's test pairs
+    calib = None
+    if needs_calib:
+        calib = calibration_pairs(tokenizer, task_pairs(finetune)[0], config.calib_pairs, config.batch_size,
+                                  finetune.max_length, config.seed)
+    return _FinetunedDownstream(model, evaluation_batches(tokenizer, test, config.batch_size, finetune.max_length),
+                                test.labels, calib, _file_bytes(model, lambda m, d: m.save_pretrained(d)), record)
+
+
 def run(config: BCTBenchConfig, on_row=None, log=print) -> list[dict]:
     """One row per setting (fp32 first); ``on_row(rows)`` after each."""
     from transformers import AutoModel, AutoTokenizer
 
     from effllm.compress.bct import compress, compression_report, save_compressed
 
+    if config.downstream not in DOWNSTREAM_CHOICES:
+        raise ValueError(f"downstream {config.downstream!r}: choose one of {', '.join(DOWNSTREAM_CHOICES)}")
+    table = settings()
+    names = ["fp32", *(name for name in config.settings if name != "fp32")]  # fp32 first: the reference row
+    for name in names:
+        if name not in table:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join(table)}")
+    needs_calib = any(table[name][1] for name in names)
     path = config.model or default_model_path()
     corpus = Path(config.corpus)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -197,7 +261,6 @@ def run(config: BCTBenchConfig, on_row=None, log=print) -> list[dict]:
         raise ValueError(f"{corpus / 'test.txt'} has only {len(test_passages)} passages of >= "
                          f"{MIN_PASSAGE_CHARS} characters; ask for fewer with --passages")
     test = _batches(tokenizer, test_passages, config.batch_size, config.max_length)
-    train_passages = load_passages(corpus / "train.txt")
     calib = calibration_batches(tokenizer, corpus, config.calib_passages, config.max_length, config.seed)
 
     start = time.perf_counter()
@@ -206,9 +269,10 @@ def run(config: BCTBenchConfig, on_row=None, log=print) -> list[dict]:
     reference_sims = pairwise_similarities(reference)
     fp32_bytes = _file_bytes(base, lambda m, d: m.save_pretrained(d))
 
-    head = None
-    if config.downstream:  # consecutive train.txt paragraphs (train split only: test stays unseen)
+    head = finetuned = None
+    if config.downstream == "head":  # consecutive train.txt paragraphs (train split only: test stays unseen)
         log("downstream: embedding train/valid paragraphs with the fp32 encoder")
+        train_passages = load_passages(corpus / "train.txt")
         offset = len(train_passages) // 2  # a stretch of the train split far from its start
         span = train_passages[offset: offset + config.train_pairs_from + config.valid_pairs_from]
         embeddings = embed(base, _batches(tokenizer, span, config.batch_size, config.max_length))
@@ -220,13 +284,11 @@ def run(config: BCTBenchConfig, on_row=None, log=print) -> list[dict]:
                                      config.head_epochs, config.seed)
         test_pairs, test_labels = make_pairs(len(test_passages), config.seed + 2)
         log(f"downstream head: {head_info}")
+    elif config.downstream == "finetune":
+        finetuned = _finetuned_downstream(config, test_passages, needs_calib, log)
 
-    table = settings()
     rows = []
-    names = ["fp32", *(name for name in config.settings if name != "fp32")]  # fp32 first: the reference row
     for name in names:
-        if name not in table:
-            raise ValueError(f"unknown setting {name!r}; known: {', '.join(table)}")
         bct_config, needs_calib = table[name]
         row = {"setting": name}
         if bct_config is None:
@@ -252,14 +314,45 @@ def run(config: BCTBenchConfig, on_row=None, log=print) -> list[dict]:
                    min_cosine=round(float(cosine.min()), 5),
                    spearman=round(spearman(pairwise_similarities(emb), reference_sims), 5),
                    file_ratio_vs_fp32=round(fp32_bytes / row["file_bytes"], 3), embed_s=round(seconds, 1))
+        del model
+        if config.downstream != "none":
+            row["downstream"] = config.downstream
         if head is not None:
             row["downstream_accuracy"] = round(head_accuracy(head, pair_features(emb, test_pairs), test_labels), 4)
-            fp32_accuracy = rows[0]["downstream_accuracy"] if rows else row["downstream_accuracy"]
-            row["downstream_drop_points"] = round(100 * (fp32_accuracy - row["downstream_accuracy"]), 2)
             if not rows:
                 row.update({f"head_{key}": round(value, 4) for key, value in head_info.items()})
+        if finetuned is not None:
+            row.update(_finetuned_row(finetuned, bct_config, needs_calib, log))
+            if not rows:
+                row["finetune"] = finetuned.record
+        if "downstream_accuracy" in row:
+            fp32_accuracy = rows[0]["downstream_accuracy"] if rows else row["downstream_accuracy"]
+            row["downstream_drop_points"] = round(100 * (fp32_accuracy - row["downstream_accuracy"]), 2)
         rows.append(row)
         log(f"{name}: {row}")
         if on_row:
             on_row(rows)
     return rows
+
+
+def _finetuned_row(finetuned: _FinetunedDownstream, bct_config, needs_calib: bool, log) -> dict:
+    """The fine-tuned classifier's test accuracy at one setting, with its file bytes and times."""
+    from effllm.bench.bct_finetune import accuracy
+    from effllm.compress.bct import compress, save_compressed
+
+    row = {"test_pairs": len(finetuned.test_labels)}
+    if bct_config is None:
+        model = finetuned.model
+        row.update(classifier_file_bytes=finetuned.fp32_file_bytes, classifier_compress_s=0.0)
+    else:
+        log("  compressing the fine-tuned classifier")
+        start = time.perf_counter()
+        model = compress(copy.deepcopy(finetuned.model), bct_config, calib=finetuned.calib if needs_calib else None)
+        row["classifier_compress_s"] = round(time.perf_counter() - start, 1)
+        row["classifier_file_bytes"] = _file_bytes(model, lambda m, d: save_compressed(m, d))
+    log(f"  classifying {len(finetuned.test_labels)} test pairs")
+    start = time.perf_counter()
+    row["downstream_accuracy"] = round(accuracy(model, finetuned.test_batches, finetuned.test_labels), 4)
+    row["classify_s"] = round(time.perf_counter() - start, 1)
+    row["classifier_file_ratio_vs_fp32"] = round(finetuned.fp32_file_bytes / row["classifier_file_bytes"], 3)
+    return row
