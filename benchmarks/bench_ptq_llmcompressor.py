@@ -100,6 +100,11 @@ def main() -> None:
     for setting in args.settings:
         spec = SETTINGS[setting]
         model = load_causal_lm(ref)
+        # transformers marks a GGUF load as quantized (GgufConfig) though its weights are dequantized to fp32: drop
+        # the mark, which llm-compressor refuses, so it sees the full-precision model it really is
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.hf_quantizer = None
         # oneshot re-reads the model's config from model.config.name_or_path; a GGUF folder has no config.json
         config_folder = tempfile.TemporaryDirectory()
         model.config.save_pretrained(config_folder.name)
