@@ -115,9 +115,9 @@ def main() -> None:
                     num_calibration_samples=calib.shape[0], max_seq_length=config.calib_seqlen,
                     shuffle_calibration_samples=False, processor=tokenizer)
             seconds = time.perf_counter() - started
-        config_folder.cleanup()
         with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder, save_compressed=True)
+            model.save_pretrained(folder, save_compressed=True)  # reads name_or_path too: clean up after
+            config_folder.cleanup()
             del model
             bits = stored_bits_per_weight(Path(folder))
             reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
