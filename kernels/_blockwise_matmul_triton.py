@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._blockwise_triton import on_device, to_storage_dtype
-from ._qmatmul_triton import BLOCK_K, BLOCK_N, BYTE_BITS, HALF_DTYPES, NUM_WARPS, block_m_for
+from ._qmatmul_triton import BLOCK_K, BLOCK_N, BYTE_BITS, HALF_DTYPES, NUM_WARPS, block_m_for, read_codes
 from .blockwise_matmul import blockwise_matmul_ref, check_blockwise_matmul_args
 
 
@@ -52,7 +52,6 @@ def _blockwise_matmul_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     row_ok = rows < M
     col_ok = cols < N
-    code_mask = (1 << BITS) - 1
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)  # [BK]
@@ -66,13 +65,7 @@ def _blockwise_matmul_kernel(
             element = ks[:, None].to(tl.int64) * N + cols[None, :]  # [BK, BN] stored index of W[n, k]
         else:
             element = cols[None, :].to(tl.int64) * K + ks[:, None]
-        bit = element * BITS
-        byte = bit >> 3
-        word = tl.load(codes_ptr + byte, mask=w_ok, other=0).to(tl.int32)
-        if CODES_CROSS_BYTES:
-            next_byte = tl.load(codes_ptr + byte + 1, mask=w_ok & (byte + 1 < stream_bytes), other=0)
-            word = word | (next_byte.to(tl.int32) << 8)
-        code = (word >> (bit & 7).to(tl.int32)) & code_mask  # [BK, BN]
+        code = read_codes(codes_ptr, element, w_ok, stream_bytes, BITS, CODES_CROSS_BYTES)  # [BK, BN]
         value = tl.load(qmap_ptr + code, mask=w_ok, other=0.0)  # [BK, BN] fp32 map entries
         scale = tl.load(scales_ptr + element // blocksize, mask=w_ok, other=0.0)
         weight = value * scale  # [BK, BN], the reference's fp32 product

@@ -34,6 +34,19 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def read_codes(stream_ptr, element, mask, stream_bytes, BITS: tl.constexpr, CODES_CROSS_BYTES: tl.constexpr):
+    """Codes number ``element`` (any shape of int64 indices) of a little-endian stream of ``BITS``-bit codes: a
+    code of at most 8 bits starts in one byte and, for widths that do not divide 8, may end in the next."""
+    bit = element * BITS
+    byte = bit >> 3
+    word = tl.load(stream_ptr + byte, mask=mask, other=0).to(tl.int32)
+    if CODES_CROSS_BYTES:
+        next_byte = tl.load(stream_ptr + byte + 1, mask=mask & (byte + 1 < stream_bytes), other=0)
+        word = word | (next_byte.to(tl.int32) << 8)
+    return (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
+
+
+@triton.jit
 def _qmatmul_kernel(
     x_ptr,  # [M, K] float, rows stride_xm apart
     qweight_ptr,  # [stream_bytes] uint8: codes of the row-major [N, K] weight, BITS each
@@ -60,7 +73,6 @@ def _qmatmul_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     row_ok = rows < M
     col_ok = cols < N
-    code_mask = (1 << BITS) - 1
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)  # [BK]
@@ -71,13 +83,7 @@ def _qmatmul_kernel(
         # W^T tile [BK, BN] from the bit stream.
         w_ok = k_ok[:, None] & col_ok[None, :]  # [BK, BN]
         element = cols[None, :].to(tl.int64) * K + ks[:, None]  # [BK, BN] index of the code
-        bit = element * BITS
-        byte = bit >> 3
-        word = tl.load(qweight_ptr + byte, mask=w_ok, other=0).to(tl.int32)
-        if CODES_CROSS_BYTES:
-            next_byte = tl.load(qweight_ptr + byte + 1, mask=w_ok & (byte + 1 < stream_bytes), other=0)
-            word = word | (next_byte.to(tl.int32) << 8)
-        code = (word >> (bit & 7).to(tl.int32)) & code_mask  # [BK, BN]
+        code = read_codes(qweight_ptr, element, w_ok, stream_bytes, BITS, CODES_CROSS_BYTES)  # [BK, BN]
         scale_index = cols[None, :] * G + ks[:, None] // group_size  # [BK, BN]
         scale = tl.load(scales_ptr + scale_index, mask=w_ok, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + scale_index, mask=w_ok, other=0).to(tl.float32)
