@@ -163,17 +163,22 @@ def main() -> None:
     parser.add_argument("--eval-seqlens", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--max-chars", type=int, default=150_000)
     parser.add_argument("--cbq-option", action="append", default=[], help="KEY=VALUE for CBQConfig")
+    parser.add_argument("--gptq-option", action="append", default=[], help="KEY=VALUE for the GPTQ plug-in")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of benchmarks/results/ptq.json measured with the same configuration "
                              "(model, calibration, evaluation, method options) and measure only the others")
     args = parser.parse_args()
     import yaml
 
-    cbq = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.cbq_option)}
+    def options(pairs: list[str]) -> dict:
+        return {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in pairs)}
+
+    method_options = {name: opts for name, opts in (("cbq", options(args.cbq_option)),
+                                                   ("gptq", options(args.gptq_option))) if opts}
     config = PTQBenchConfig(nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
                             eval_seqlens=tuple(args.eval_seqlens), eval_max_chars=args.max_chars,
                             settings=tuple(args.settings), methods=tuple(args.methods),
-                            method_options={"cbq": cbq} if cbq else {})
+                            method_options=method_options)
     info = harness.machine()
     command = "python benchmarks/bench_ptq.py " + " ".join(
         [f"--settings {' '.join(repr(s) for s in args.settings)}", f"--methods {' '.join(args.methods)}"])

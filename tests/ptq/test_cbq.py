@@ -113,7 +113,8 @@ def test_every_switch_changes_the_result(model, ids):
     switches = {"windows of 2, overlap 1": dict(window=2, overlap=1), "no weight CFP": dict(cfp_weights=False),
                 "no activation CFP": dict(cfp_activations=False), "no LoRA-Rounding": dict(lora_rounding=False),
                 "no KL": dict(kl_weight=0.0), "nearest start": dict(gptq_init=False),
-                "learned step sizes": dict(lr_scale=5e-3)}
+                "learned step sizes": dict(lr_scale=5e-3), "searched ranges": dict(ranges="hessian"),
+                "searched ranges, nearest start": dict(ranges="mse", gptq_init=False)}
     for name, change in switches.items():
         logits = quantized_logits(model, ids, spec, CBQ(CBQConfig(**BRIEF, **change)))
         assert (logits - default).abs().max() > 1e-4, f"{name} left the result unchanged"
@@ -193,6 +194,8 @@ def test_config_round_trips_and_rejects_bad_values():
         CBQConfig(window=2, overlap=2)
     with pytest.raises(ValueError, match="lora_init"):
         CBQConfig(lora_init="random")
+    with pytest.raises(ValueError, match="ranges"):
+        CBQConfig(ranges="percentile")
 
 
 def test_outlier_threshold_separates_the_outliers():
@@ -315,10 +318,12 @@ def test_hidden_128_cbq_beats_gptq_given_enough_steps():
 
 def test_gptq_init_without_preprocessing_or_training_is_gptq(model, ids):
     spec = WeightQuantSpec(3, 16)
-    init_only = CBQConfig(window=1, overlap=0, gptq_init=True, epochs=0, cfp_weights=False, cfp_activations=False)
-    cbq = quantized_logits(model, ids, spec, CBQ(init_only))
-    gptq = quantized_logits(model, ids, spec, GPTQ())
-    torch.testing.assert_close(cbq, gptq, rtol=1e-4, atol=1e-4)
+    for ranges in ("minmax", "hessian"):
+        init_only = CBQConfig(window=1, overlap=0, gptq_init=True, epochs=0, cfp_weights=False,
+                              cfp_activations=False, ranges=ranges)
+        cbq = quantized_logits(model, ids, spec, CBQ(init_only))
+        gptq = quantized_logits(model, ids, spec, GPTQ(sequential=True, ranges=ranges))
+        torch.testing.assert_close(cbq, gptq, rtol=1e-4, atol=1e-4)
 
 
 def test_keep_best_drops_a_harmful_optimisation(model, ids):

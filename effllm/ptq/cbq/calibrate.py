@@ -5,7 +5,7 @@ For each window of ``config.window`` blocks the runner hands over (consecutive w
 
 1. pre-processes the blocks not pre-processed in an earlier window (CFP: activation outliers scaled into the
    norms' and linears' weights, then weight outliers truncated through the quantizers' ranges) and, with
-   ``gptq_init``, moves their weights to GPTQ's on those ranges (``gptq_initialize``); blocks of an overlap keep
+   ``gptq_init``, moves their weights to GPTQ's on those ranges (``start_block``); blocks of an overlap keep
    what the previous window learned and go on learning it;
 2. learns, jointly for every linear of the window, the LoRA-Rounding factors and the step sizes, so the
    window's output on the quantized model's input approaches the full-precision window's output on the
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from effllm.quant.fake_quant_linear import FakeQuantLinear, quantization_disabled
+from effllm.quant.range_search import search_scales
 
 from ..block_inputs import run_block
 from ..gptq import GPTQ, gptq_quantize
@@ -63,10 +64,14 @@ def fake_quant_linears(blocks: list[nn.Module]) -> list[FakeQuantLinear]:
 
 
 @torch.no_grad()
-def gptq_initialize(block: nn.Module, inputs: torch.Tensor, kwargs: dict) -> None:
-    """Move each linear's weight to where GPTQ rounds it (``rounded_from``), keeping its step sizes and zero
-    points: round-to-nearest then gives GPTQ's codes. Linears are taken in execution order, each group's Hessian
-    collected with the groups before it already quantized (hard rounding), as GPTQ's sequential mode does."""
+def start_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, ranges: str = "minmax",
+                gptq: bool = True) -> None:
+    """Each linear's starting point: its ranges searched (``ranges``, see ``CBQConfig``) and, with ``gptq``, its
+    weight moved to where GPTQ rounds it (``rounded_from``), keeping its step sizes and zero points: round-to-
+    nearest then gives GPTQ's codes. Linears are taken in execution order, each group's Hessian collected with
+    the groups before it already quantized (hard rounding), as GPTQ's sequential mode does."""
+    if ranges == "minmax" and not gptq:
+        return
     fakes = fake_quant_linears([block])
     roundings = [fake.rounding for fake in fakes if isinstance(fake.rounding, LoRARounding)]
     modes = [r.hard for r in roundings]
@@ -77,9 +82,16 @@ def gptq_initialize(block: nn.Module, inputs: torch.Tensor, kwargs: dict) -> Non
         for group in shared_input_groups(block, inputs[:1], kwargs):
             (hessian,) = collect_hessians(block, inputs, kwargs, [group[0]], STATS_BATCH)
             for fake in group:
-                result = gptq_quantize(fake.weight, hessian, fake.spec, solver.percdamp, solver.blocksize,
-                                       solver.act_order, scale_zero=(fake.scale, fake.zero))
-                fake.weight.copy_(result.rounded_from.to(fake.weight.dtype))
+                if ranges != "minmax":
+                    importance = hessian.diagonal() if ranges == "hessian" else None
+                    scale, zero = search_scales(fake.weight, fake.spec, importance,
+                                                start=(fake.scale.detach(), fake.zero))
+                    fake.scale.data.copy_(scale.to(fake.scale.dtype))
+                    fake.zero.copy_(zero.to(fake.zero.dtype))
+                if gptq:
+                    result = gptq_quantize(fake.weight, hessian, fake.spec, solver.percdamp, solver.blocksize,
+                                           solver.act_order, scale_zero=(fake.scale, fake.zero))
+                    fake.weight.copy_(result.rounded_from.to(fake.weight.dtype))
     finally:
         for rounding, hard in zip(roundings, modes):
             rounding.hard = hard
@@ -219,8 +231,8 @@ class CBQ:
                             clipped_count += fraction * fake.weight.numel()
                         weight_count += fake.weight.numel()
                         fake.rounding.preprocessed.fill_(True)
-                    if config.gptq_init:
-                        gptq_initialize(block, hidden, kwargs)
+                    if config.gptq_init or config.ranges != "minmax":
+                        start_block(block, hidden, kwargs, config.ranges, config.gptq_init)
                         if needs_next_input:  # the next block's Hessians see this block quantized
                             hidden_next = run_block(block, hidden, kwargs, STATS_BATCH)
                 if needs_next_input:

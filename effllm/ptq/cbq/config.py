@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..gptq import RANGES
+
 LORA_INITS = ("nearest", "zero")
 
 
@@ -53,6 +55,9 @@ class CBQConfig:
     cfp_weight_guard: bool = True  # keep a group's min-max range where truncation raises its rounding error
     cfp_act_lambda: float = 1.5
     cfp_act_alpha: float = 0.5  # outlier channels are divided by (magnitude / threshold) ** alpha
+    # Range search after CFP: each group keeps whichever is lower-error, its CFP range or a shrunk min-max range
+    # ("mse": plain error; "hessian": each column's error weighted by its input's mean square). "minmax": off.
+    ranges: str = "minmax"
     # Starting point of the learned rounding (the paper's is round-to-nearest): with gptq_init, each new block's
     # weights are first moved by GPTQ's error feedback (on CFP's ranges), so rounding to nearest starts at
     # GPTQ's codes and the window's optimisation refines them.
@@ -84,6 +89,8 @@ class CBQConfig:
             raise ValueError(f"reg_warmup is a fraction of the steps in [0, 1), got {self.reg_warmup}")
         if not 0 < self.cfp_act_alpha <= 1:
             raise ValueError(f"cfp_act_alpha must be in (0, 1], got {self.cfp_act_alpha}")
+        if self.ranges not in RANGES:
+            raise ValueError(f"ranges must be one of {', '.join(RANGES)}, got {self.ranges!r}")
         if self.lora_init not in LORA_INITS:
             raise ValueError(f"lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
 
