@@ -64,7 +64,7 @@ def test_zero_groups_and_bad_arguments():
         search_scales(w, spec, max_shrink=1.0)
 
 
-def test_a_given_start_is_kept_where_it_is_best():
+def test_a_given_start_is_never_made_worse():
     spec = WeightQuantSpec(2, 32)
     w = heavy_tailed_weight(2)
     searched = search_scales(w, spec)
@@ -73,6 +73,7 @@ def test_a_given_start_is_kept_where_it_is_best():
     start_scale[::2] = start_scale[::2] * 0.05
     start = (start_scale, searched[1].clone())
     result = search_scales(w, spec, start=start)
-    assert torch.equal(result[0][1::2], searched[0][1::2])
-    assert (group_errors(w, *result, spec) <= group_errors(w, *start, spec) * (1 + 1e-6)).all()
-    assert (group_errors(w, *result, spec) <= group_errors(w, *minmax_scales(w, spec), spec) * (1 + 1e-6)).all()
+    errors = group_errors(w, *result, spec)
+    assert (errors <= group_errors(w, *start, spec) * (1 + 1e-6)).all()
+    assert (errors <= group_errors(w, *searched, spec) * (1 + 1e-6)).all()
+    assert (errors[::2] < group_errors(w, *start, spec)[::2]).all()  # the bad starts were replaced
