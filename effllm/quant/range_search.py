@@ -55,8 +55,7 @@ def search_scales(w: torch.Tensor, spec: WeightQuantSpec, importance: torch.Tens
     # Coarse to fine: every COARSE-th grid point, then the grid points around each group's best coarse one
     # (the error is close to unimodal in the shrink factor; a third of the full grid's rounding passes).
     steps = int(max_shrink * grid)
-    coarse = range(0 if start is not None else 1, steps + 1, COARSE)
-    for step in coarse:
+    for step in range(0 if start is not None else COARSE, steps + 1, COARSE):  # step 0 is min-max
         consider(torch.full_like(low, 1 - step / grid))
     centre = best_shrink.clone()
     for offset in range(-(COARSE - 1), COARSE):

@@ -113,7 +113,7 @@ def test_every_switch_changes_the_result(model, ids):
     switches = {"windows of 2, overlap 1": dict(window=2, overlap=1), "no weight CFP": dict(cfp_weights=False),
                 "no activation CFP": dict(cfp_activations=False), "no LoRA-Rounding": dict(lora_rounding=False),
                 "no KL": dict(kl_weight=0.0), "nearest start": dict(gptq_init=False),
-                "learned step sizes": dict(lr_scale=5e-3), "searched ranges": dict(ranges="hessian"),
+                "learned step sizes": dict(lr_scale=5e-3), "min-max ranges": dict(ranges="minmax"),
                 "searched ranges, nearest start": dict(ranges="mse", gptq_init=False)}
     for name, change in switches.items():
         logits = quantized_logits(model, ids, spec, CBQ(CBQConfig(**BRIEF, **change)))
