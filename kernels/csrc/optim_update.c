@@ -246,25 +246,59 @@ INLINE int64_t adam_coded_avx2(int64_t n, float *restrict p, const float *restri
     const __m256i magnitude_mask = _mm256_set1_epi32((int)FP32_ABS_MASK);
     __m256i largest_m = _mm256_setzero_si256(), largest_v = largest_m;
     const int64_t whole = n / AVX2_FLOATS * AVX2_FLOATS;
-    for (int64_t i = 0; i < whole; i += AVX2_FLOATS) {
-        __m256 grad = _mm256_loadu_ps(g + i);
-        const __m256 old_p = _mm256_loadu_ps(p + i);
-        const __m256 old_m = small_codes ? lookup8_small(m_low, m_high, m_codes + i)
-                                         : _mm256_mul_ps(lookup8(m_map, m_codes + i), absmax1);
-        const __m256 old_v = small_codes ? lookup8_small(v_low, v_high, v_codes + i)
-                                         : _mm256_mul_ps(lookup8(v_map, v_codes + i), absmax2);
-        if (l2) grad = _mm256_add_ps(grad, _mm256_mul_ps(weight_decay, old_p));
-        const __m256 param = shrink ? _mm256_mul_ps(old_p, decay_factor) : old_p;
-        const __m256 new_m = _mm256_fmadd_ps(coefficient, _mm256_sub_ps(grad, old_m), weight_small ? old_m : grad);
-        const __m256 new_v = _mm256_add_ps(_mm256_mul_ps(old_v, beta2),
-                                           _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, grad), grad));
-        const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(new_v), correction2), eps);
-        _mm256_storeu_ps(p + i, _mm256_sub_ps(param, _mm256_mul_ps(step_size, _mm256_div_ps(new_m, denom))));
-        _mm256_storeu_ps(m + i, new_m);
-        _mm256_storeu_ps(v + i, new_v);
-        largest_m = _mm256_max_epu32(largest_m, _mm256_and_si256(_mm256_castps_si256(new_m), magnitude_mask));
-        largest_v = _mm256_max_epu32(largest_v, _mm256_and_si256(_mm256_castps_si256(new_v), magnitude_mask));
+    /* Software-pipelined: each group of 8 elements goes through stage 1 (table reads, new moments, stored
+     * to scratch) in one iteration, stage 2 (sqrt, / correction, + eps) in the next, and stage 3 (/ denom,
+     * the new parameter, stored) in the one after. The ~50-cycle chain of sqrt and two divisions no longer
+     * holds up the retirement of the 16 table reads of its own group, so more groups are in flight. Measured
+     * on the shared 2-core EPYC (Zen 3, load ~3), one thread, 8-bit AdamW, interleaved in one process with the
+     * unpipelined loop: the C call 1-9% faster at 1M parameters, 3-5% at 16M; the whole step 4-5%. Splitting
+     * the sqrt from the divisions (four stages), reading the tables a group ahead, or a separate pass for the
+     * table reads was slower. Every element still sees adam_step's operations in adam_step's order. */
+    __m256 param, new_m, new_v;       /* stage 1's results for the current group */
+    __m256 param_1, new_m_1, new_v_1; /* the group before: waits for stage 2 */
+    __m256 param_2, new_m_2, denom_2; /* two groups before: waits for stage 3 */
+#define ADAM_STAGE1(i)                                                                                         \
+    do {                                                                                                       \
+        __m256 grad = _mm256_loadu_ps(g + (i));                                                                \
+        const __m256 old_p = _mm256_loadu_ps(p + (i));                                                         \
+        const __m256 old_m = small_codes ? lookup8_small(m_low, m_high, m_codes + (i))                         \
+                                         : _mm256_mul_ps(lookup8(m_map, m_codes + (i)), absmax1);              \
+        const __m256 old_v = small_codes ? lookup8_small(v_low, v_high, v_codes + (i))                         \
+                                         : _mm256_mul_ps(lookup8(v_map, v_codes + (i)), absmax2);              \
+        if (l2) grad = _mm256_add_ps(grad, _mm256_mul_ps(weight_decay, old_p));                                \
+        param = shrink ? _mm256_mul_ps(old_p, decay_factor) : old_p;                                           \
+        new_m = _mm256_fmadd_ps(coefficient, _mm256_sub_ps(grad, old_m), weight_small ? old_m : grad);         \
+        new_v = _mm256_add_ps(_mm256_mul_ps(old_v, beta2), _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, grad), grad)); \
+        _mm256_storeu_ps(m + (i), new_m);                                                                      \
+        _mm256_storeu_ps(v + (i), new_v);                                                                      \
+        largest_m = _mm256_max_epu32(largest_m, _mm256_and_si256(_mm256_castps_si256(new_m), magnitude_mask)); \
+        largest_v = _mm256_max_epu32(largest_v, _mm256_and_si256(_mm256_castps_si256(new_v), magnitude_mask)); \
+    } while (0)
+#define ADAM_STAGE2(second) _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(second), correction2), eps)
+#define ADAM_STAGE3(i, old, first, denom)                                                                      \
+    _mm256_storeu_ps(p + (i), _mm256_sub_ps(old, _mm256_mul_ps(step_size, _mm256_div_ps(first, denom))))
+    const int64_t groups = whole / AVX2_FLOATS;
+    if (groups == 1) {
+        ADAM_STAGE1(0);
+        ADAM_STAGE3(0, param, new_m, ADAM_STAGE2(new_v));
+    } else if (groups >= 2) {
+        ADAM_STAGE1(0);
+        param_2 = param, new_m_2 = new_m, denom_2 = ADAM_STAGE2(new_v);
+        ADAM_STAGE1(AVX2_FLOATS);
+        param_1 = param, new_m_1 = new_m, new_v_1 = new_v;
+        for (int64_t k = 2; k < groups; k++) {
+            const __m256 denom_1 = ADAM_STAGE2(new_v_1);
+            ADAM_STAGE3((k - 2) * AVX2_FLOATS, param_2, new_m_2, denom_2);
+            ADAM_STAGE1(k * AVX2_FLOATS);
+            param_2 = param_1, new_m_2 = new_m_1, denom_2 = denom_1;
+            param_1 = param, new_m_1 = new_m, new_v_1 = new_v;
+        }
+        ADAM_STAGE3((groups - 2) * AVX2_FLOATS, param_2, new_m_2, denom_2);
+        ADAM_STAGE3((groups - 1) * AVX2_FLOATS, param_1, new_m_1, ADAM_STAGE2(new_v_1));
     }
+#undef ADAM_STAGE1
+#undef ADAM_STAGE2
+#undef ADAM_STAGE3
     largest[0] = horizontal_max_epu32(largest_m);
     largest[1] = horizontal_max_epu32(largest_v);
     return whole;

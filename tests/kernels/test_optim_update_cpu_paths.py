@@ -5,7 +5,8 @@
 generic loop; a block's last ``n % 8`` elements take the generic loop too. These tests cover each (algorithm,
 weight decay, bits, dtype) branch of that split, with block sizes that leave a tail, over several steps, and
 check that a block routed to the generic loop by one bad gradient gives its other elements the same bits as
-the fast loop gives them.
+the fast loop gives them. The fast loop is software-pipelined over groups of 8 lanes, with its own code for
+blocks of one, two and more groups: ``PIPELINE_LAYOUTS`` has each, with and without a tail.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ MAP_KINDS = {8: ("dynamic", "dynamic"), 4: ("dynamic", "linear_nozero")}
 # Block sizes with a tail after the last whole 8 lanes (100, 36), a whole number of lanes (256, 128), and
 # parameters that end mid-block.
 LAYOUTS = {8: [(256, 1000), (100, 1003)], 4: [(128, 1000), (36, 1001)]}
+# (block size, numel): blocks of 1, 2 and 3 groups of 8 lanes, some with a tail, and a last block shorter
+# than the others (fewer groups).
+PIPELINE_LAYOUTS = [(8, 83), (12, 90), (16, 100), (19, 101), (24, 100), (33, 130)]
 PARAM_TOLERANCE_FP32 = dict(rtol=1e-6, atol=1e-7)  # torch's CPU sqrt is not always correctly rounded
 MAX_CODE_MISMATCH_FRACTION = 1e-3
 STEPS = (1, 2, 3)
@@ -117,3 +121,40 @@ def test_bad_gradient_moves_its_block_to_the_generic_loop_without_changing_other
         outside = torch.ones(numel, dtype=torch.bool)
         outside[blocksize:2 * blocksize] = False
         assert torch.equal(codes[outside], clean_codes[outside])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("algo", ["adam", "adamw"])
+@pytest.mark.parametrize("blocksize,numel", PIPELINE_LAYOUTS)
+def test_pipelined_fast_loop_matches_the_reference_and_the_generic_loop(monkeypatch, algo, bits, blocksize, numel):
+    """Every group count of the pipelined loop: close to the reference over several steps, and bit for bit
+    what the generic loop gives the same elements (a NaN gradient in the last block sends that block there)."""
+    monkeypatch.setenv("EFFLLM_KERNEL", "cpu")
+    qmap1, qmap2 = _maps(bits)
+    generator = torch.Generator().manual_seed(3)
+    slot = _slot(numel, bits, blocksize, torch.float32)
+    for step in STEPS:
+        hyper = Hyper(lr=1e-2, weight_decay=0.05, step=step)
+        slot.grad = torch.randn(numel, generator=generator)
+        expected = _clone(slot)
+        optim_update_ref(algo, expected.param, expected.grad, expected.state1, expected.state2,
+                         expected.absmax1, expected.absmax2, qmap1, qmap2, hyper, bits, blocksize)
+        optim_update_many(algo, [slot], qmap1, qmap2, hyper, bits, blocksize)
+        _assert_close(slot, expected, bits)
+    # One element of every block but the first gets a NaN gradient (generic loop); the copy gets 0 there.
+    hyper = Hyper(lr=1e-2, weight_decay=0.05, step=4)
+    slot.grad = torch.randn(numel, generator=generator)
+    clean = _clone(slot)
+    bad = torch.arange(blocksize, numel, blocksize)
+    clean.grad[bad] = 0.0
+    slot.grad[bad] = float("nan")
+    optim_update_many(algo, [slot], qmap1, qmap2, hyper, bits, blocksize)
+    optim_update_many(algo, [clean], qmap1, qmap2, hyper, bits, blocksize)
+    good = torch.ones(numel, dtype=torch.bool)
+    good[bad] = False
+    assert torch.equal(slot.param[good], clean.param[good])
+    first = torch.zeros(numel, dtype=torch.bool)
+    first[:blocksize] = True  # the one block that took the fast loop both times
+    for name in ("state1", "state2"):
+        codes, clean_codes = _codes(getattr(slot, name), bits, numel), _codes(getattr(clean, name), bits, numel)
+        assert torch.equal(codes[first], clean_codes[first])
