@@ -91,7 +91,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
             raise ValueError(f"scale_zero must be two [{out_features}, {groups}] tensors, got "
                              f"{list(scale.shape)} and {list(zero.shape)}")
     elif static:
-        scale, zero = _ranges(w, spec, ranges, h.diagonal())
+        scale, zero = group_ranges(w, spec, ranges, h.diagonal())
     else:  # filled group by group as the columns are reached
         scale = torch.ones(out_features, groups, device=w.device)
         zero = torch.zeros(out_features, groups, device=w.device)
@@ -118,8 +118,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
             if not static and column % group_size == 0:
                 current = _current_columns(w, w_block, errors, hinv, block_start, i, group_size)
                 importance = h.diagonal()[column : column + current.shape[1]]
-                scale[:, group : group + 1], zero[:, group : group + 1] = _ranges(current, column_spec, ranges,
-                                                                                  importance)
+                ranged = group_ranges(current, column_spec, ranges, importance)
+                scale[:, group : group + 1], zero[:, group : group + 1] = ranged
             s, z = scale[:, group], zero[:, group]
             code = torch.clamp(torch.round(w_block[:, i] / s) + z, 0, spec.max_code)
             codes[:, column] = code
@@ -137,11 +137,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
 RANGES = ("minmax", "mse", "hessian")
 
 
-def _ranges(w: torch.Tensor, spec: WeightQuantSpec, ranges: str, hessian_diagonal: torch.Tensor):
-    """Group ``(scale, zero)`` of ``w`` by the method ``ranges`` names."""
+def group_ranges(w: torch.Tensor, spec: WeightQuantSpec, ranges: str, hessian_diagonal: torch.Tensor,
+                 start: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Group ``(scale, zero)`` of ``w`` by the method ``ranges`` names; a searched range is never worse than
+    ``start`` (default: min-max)."""
     if ranges == "minmax":
-        return minmax_scales(w, spec)
-    return search_scales(w, spec, importance=hessian_diagonal if ranges == "hessian" else None)
+        return start if start is not None else minmax_scales(w, spec)
+    return search_scales(w, spec, importance=hessian_diagonal if ranges == "hessian" else None, start=start)
 
 
 def _current_columns(w: torch.Tensor, w_block: torch.Tensor, errors: torch.Tensor, hinv: torch.Tensor,

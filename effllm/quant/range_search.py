@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .weight_quant import WeightQuantSpec, _grouped, minmax_scales
+from .weight_quant import WeightQuantSpec, _grouped, minmax_scales, range_scales
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def search_scales(w: torch.Tensor, spec: WeightQuantSpec, importance: torch.Tens
 
     def consider(shrink: torch.Tensor) -> None:
         nonlocal best_error, best_scale, best_zero, best_shrink
-        scale, zero = _range_scales(low * shrink, high * shrink, spec)
+        scale, zero = range_scales(low * shrink, high * shrink, spec)
         error = _error(g, scale, zero, spec, weights, norm)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
@@ -66,17 +66,6 @@ def search_scales(w: torch.Tensor, spec: WeightQuantSpec, importance: torch.Tens
 
 
 COARSE = 4  # coarse grid stride, in grid steps
-
-
-def _range_scales(low: torch.Tensor, high: torch.Tensor, spec: WeightQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of the range [low, high] (low <= 0 <= high), as ``minmax_scales`` derives them."""
-    if spec.symmetric:
-        scale = 2 * torch.maximum(-low, high) / spec.max_code
-        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
-    else:
-        scale = (high - low) / spec.max_code
-        zero = torch.round(-low / torch.where(scale > 0, scale, torch.ones_like(scale)))
-    return torch.where(scale > 0, scale, torch.ones_like(scale)), zero
 
 
 def _error(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightQuantSpec,

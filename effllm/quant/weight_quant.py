@@ -59,8 +59,11 @@ def _grouped(w: torch.Tensor, spec: WeightQuantSpec) -> torch.Tensor:
 def minmax_scales(w: torch.Tensor, spec: WeightQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max ``(scale, zero)``, each [out, groups] fp32; ``zero`` holds integer values."""
     g = _grouped(w.float(), spec)
-    low = g.amin(dim=-1).clamp(max=0)
-    high = g.amax(dim=-1).clamp(min=0)
+    return range_scales(g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0), spec)
+
+
+def range_scales(low: torch.Tensor, high: torch.Tensor, spec: WeightQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` that cover the range ``[low, high]`` (``low <= 0 <= high``), elementwise."""
     if spec.symmetric:
         bound = torch.maximum(-low, high)
         scale = 2 * bound / spec.max_code

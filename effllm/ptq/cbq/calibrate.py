@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from effllm.quant.fake_quant_linear import FakeQuantLinear, quantization_disabled
-from effllm.quant.range_search import search_scales
 
 from ..block_inputs import run_block
-from ..gptq import GPTQ, gptq_quantize
+from ..gptq import GPTQ, gptq_quantize, group_ranges
 from ..hessian import collect_hessians, shared_input_groups
 from .cfp import smooth_activation_outliers, truncate_weight_outliers
 from .config import CBQConfig
@@ -70,8 +69,6 @@ def start_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, ranges: st
     weight moved to where GPTQ rounds it (``rounded_from``), keeping its step sizes and zero points: round-to-
     nearest then gives GPTQ's codes. Linears are taken in execution order, each group's Hessian collected with
     the groups before it already quantized (hard rounding), as GPTQ's sequential mode does."""
-    if ranges == "minmax" and not gptq:
-        return
     fakes = fake_quant_linears([block])
     roundings = [fake.rounding for fake in fakes if isinstance(fake.rounding, LoRARounding)]
     modes = [r.hard for r in roundings]
@@ -83,9 +80,8 @@ def start_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, ranges: st
             (hessian,) = collect_hessians(block, inputs, kwargs, [group[0]], STATS_BATCH)
             for fake in group:
                 if ranges != "minmax":
-                    importance = hessian.diagonal() if ranges == "hessian" else None
-                    scale, zero = search_scales(fake.weight, fake.spec, importance,
-                                                start=(fake.scale.detach(), fake.zero))
+                    scale, zero = group_ranges(fake.weight, fake.spec, ranges, hessian.diagonal(),
+                                               start=(fake.scale.detach(), fake.zero))
                     fake.scale.data.copy_(scale.to(fake.scale.dtype))
                     fake.zero.copy_(zero.to(fake.zero.dtype))
                 if gptq:
