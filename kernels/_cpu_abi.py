@@ -49,9 +49,10 @@ class ParamSlot(ctypes.Structure):
 # A ParamSlot is eight 64-bit words (six addresses, numel, dtype padded to 8 bytes), so a bucket's slots can
 # be built as one flat list of ints, much faster than filling structure fields one by one.
 SLOT_WORDS = 8
+SLOT_GRAD = 1  # word index of the gradient's address
 SLOT_NUMEL = 6  # word index of numel
 assert ctypes.sizeof(ParamSlot) == SLOT_WORDS * 8 and ParamSlot.numel.offset == SLOT_NUMEL * 8
-assert ParamSlot.dtype.offset == (SLOT_NUMEL + 1) * 8
+assert ParamSlot.dtype.offset == (SLOT_NUMEL + 1) * 8 and ParamSlot.grad.offset == SLOT_GRAD * 8
 
 
 class Hyper(ctypes.Structure):

@@ -17,6 +17,7 @@ one bad element cannot corrupt the absmax, hence the state, of its whole block.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -175,3 +176,34 @@ def optim_update_many(
     for s in slots:
         optim_update_ref(algo, s.param, s.grad, s.state1, s.state2, s.absmax1, s.absmax2, qmap1, qmap2, hyper,
                          bits, blocksize)
+
+
+class UpdatePlan:
+    """``optim_update_many`` over the same parameters and states step after step, prepared once: a backend
+    may do its per-parameter work (checks, address tables) here rather than at every launch. Gradients are
+    passed to each launch, since they may be new tensors at every step (``zero_grad(set_to_none=True)``),
+    and the plan keeps no reference to them, so that they are freed when the caller drops them."""
+
+    def __init__(self, algo: str, slots: list[ParamSlot], qmap1, qmap2, bits: int, blocksize: int):
+        self.algo, self.qmap1, self.qmap2 = algo, qmap1, qmap2
+        self.bits, self.blocksize = bits, blocksize
+        # Everything of the slots but their gradients.
+        self.slots = [dataclasses.replace(slot, grad=None) for slot in slots]
+
+    def accepts_grad(self, index: int, grad: torch.Tensor) -> bool:
+        """Whether launches can take ``grad`` for slot ``index``; if not, plan again."""
+        return True
+
+    def launch(self, hyper: Hyper, grads: list[torch.Tensor]) -> None:
+        """One update of every slot, with ``grads`` (in slot order) as their gradients."""
+        slots = [dataclasses.replace(slot, grad=grad) for slot, grad in zip(self.slots, grads)]
+        optim_update_many(self.algo, slots, self.qmap1, self.qmap2, hyper, self.bits, self.blocksize)
+
+
+def plan_update_many(algo: str, slots: list[ParamSlot], qmap1, qmap2, bits: int, blocksize: int) -> UpdatePlan:
+    """An ``UpdatePlan`` for ``slots`` (all on one device, same ``bits``/``blocksize``) on the fastest backend."""
+    if slots and backend_for(slots[0].param) == "cpu":
+        from ._optim_update_cpu import plan_update_many_cpu
+
+        return plan_update_many_cpu(algo, slots, qmap1, qmap2, bits, blocksize)
+    return UpdatePlan(algo, slots, qmap1, qmap2, bits, blocksize)

@@ -7,19 +7,19 @@ parameter, multi-tensor launch, state_dict) lives here.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer
 
 from effllm.kernels.blockwise import num_blocks
-from effllm.kernels.optim_update import STATE_BITS, STATES, Hyper, ParamSlot, optim_update_many
+from effllm.kernels.optim_update import STATE_BITS, STATES, Hyper, ParamSlot, plan_update_many
 from effllm.kernels.packing import packed_numel
 from effllm.kernels.quant_maps import make_map
 
 from .dtensor import local_tensor
 from .overrides import overrides_of
+from .step_plan import Bucket, Entry, GroupPlan, count_steps, plan_entry
 
 DEFAULT_BLOCKSIZE = {8: 256, 4: 128}
 # Map kinds of (first moment, second moment) per state width. 4-bit follows Li et al.: the second moment
@@ -63,6 +63,7 @@ class BlockwiseOptimizer(Optimizer):
     def _init_caches(self) -> None:
         self._maps: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._step_counts: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}  # param -> (step tensor, value)
+        self._plans: dict[int, GroupPlan] = {}  # param group index -> its launches, kept between steps
 
     def __setstate__(self, state: dict) -> None:
         # pickle and deepcopy restore only torch's attributes (defaults, state, param_groups)
@@ -141,33 +142,46 @@ class BlockwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        counters = []  # (param, its step tensor, new step) of every update: incremented at once below
-        for group in self.param_groups:
-            buckets: dict[tuple, list[ParamSlot]] = defaultdict(list)
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[param]
-                if not state:
-                    self._init_state(param, group, state)
-                step = self._step_count(param, state) + 1
-                counters.append((param, state["step"], step))
-                local = local_tensor(param)  # FSDP2: each rank updates its shard, blocks are per shard
-                key = (local.device, state["state_bits"], state["blocksize"], step)
-                buckets[key].append(
-                    ParamSlot(local, local_tensor(grad), state.get("state1"), state.get("state2"),
-                              state.get("absmax1"), state.get("absmax2"))
-                )
-            for (device, bits, blocksize, step), slots in buckets.items():
-                qmap1, qmap2 = self._maps_for(bits, device)
-                optim_update_many(self.algorithm, slots, qmap1, qmap2, self.hyper(group, step), bits, blocksize)
-        if counters:
-            torch._foreach_add_([counter for _, counter, _ in counters], 1.0)  # CPU tensors: no device sync
-            self._step_counts.update((param, (counter, step)) for param, counter, step in counters)
+        launched = []  # buckets launched: their step counters are incremented at once below
+        for index, group in enumerate(self.param_groups):
+            plan = self._plans.get(index)
+            grads = plan.gradients(group, self.state) if plan is not None else None
+            if grads is None:
+                if plan is not None:  # what it knew of the step counters outlives it
+                    self._step_counts.update(plan.step_counts())
+                plan = self._plans[index] = self._plan_group(group)
+                grads = plan.gradients(group, self.state)
+            plan.launch(lambda step, group=group: self.hyper(group, step), grads)
+            launched += plan.buckets
+        count_steps(launched)
         return loss
+
+    def _plan_group(self, group: dict) -> GroupPlan:
+        """The launches of one group's step: its parameters with gradients, bucketed by device, state layout
+        and step number (initialising the states of parameters seen for the first time)."""
+        entries, buckets = [], {}
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                entries.append(Entry(param))
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[param]
+            if not state:
+                self._init_state(param, group, state)
+            step = self._step_count(param, state) + 1
+            local = local_tensor(param)  # FSDP2: each rank updates its shard, blocks are per shard
+            key = (local.device, state["state_bits"], state["blocksize"], step)
+            slots, bucket = buckets.setdefault(key, ([], Bucket(None, step)))
+            slots.append(ParamSlot(local, local_tensor(grad), state.get("state1"), state.get("state2"),
+                                   state.get("absmax1"), state.get("absmax2")))
+            bucket.add_counter(param, state["step"])
+            entries.append(plan_entry(param, grad, state, bucket, len(slots) - 1))
+        for (device, bits, blocksize, _), (slots, bucket) in buckets.items():
+            qmap1, qmap2 = self._maps_for(bits, device)
+            bucket.launch_plan = plan_update_many(self.algorithm, slots, qmap1, qmap2, bits, blocksize)
+        return GroupPlan(group, entries, [bucket for _, bucket in buckets.values()])
 
     # --- state_dict ---------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
