@@ -73,15 +73,17 @@ def _state_words(state, absmax, numel: int, bits: int, blocksize: int) -> tuple[
     return state.data_ptr(), absmax.data_ptr()
 
 
-def _kernel_words(slot, needs_first: bool, needs_second: bool, has_maps: bool, bits: int,
+def _kernel_words(slot, needs_first: bool, needs_second: bool, maps: tuple[bool, bool], bits: int,
                   blocksize: int) -> list[int] | None:
     """The slot as SLOT_WORDS words (ParamSlot's layout) for the kernel, taking its tensors where they lie,
-    or None when the kernel cannot take them so (see the module docstring)."""
+    or None when the kernel cannot take them so (see the module docstring). ``maps``: whether each state
+    has its map."""
     param, grad = slot.param, slot.grad
     dtype_code = DTYPE_CODES.get(param.dtype)
     if (dtype_code is None or not _takes_grad(param, grad) or not param.is_contiguous()
             or (needs_first and slot.state1 is None) or (needs_second and slot.state2 is None)
-            or (bits != 32 and not has_maps)):
+            or (bits != 32 and ((slot.state1 is not None and not maps[0])
+                                or (slot.state2 is not None and not maps[1])))):
         return None
     numel = param.numel()
     first = _state_words(slot.state1, slot.absmax1, numel, bits, blocksize)
@@ -117,17 +119,17 @@ class _KernelCall:
         self.slots = ctypes.cast(self.array, ctypes.POINTER(ParamSlot))
 
     def __call__(self, hyper) -> None:
+        threads = min(torch.get_num_threads(), self.most_threads)
         status = cpu_build.library().effllm_optim_update(
-            ALGORITHM_CODES[self.algo], self.bits, self.blocksize, min(torch.get_num_threads(), self.most_threads),
-            self.slots, self.count,
-            self.map1, self.map2, ctypes.byref(hyper_struct(hyper)))
+            ALGORITHM_CODES[self.algo], self.bits, self.blocksize, threads, self.slots, self.count, self.map1,
+            self.map2, ctypes.byref(hyper_struct(hyper)))
         check(status, f"optim_update ({self.algo}, {self.bits}-bit)")
 
 
 def optim_update_many_cpu(algo, slots, qmap1, qmap2, hyper, bits: int, blocksize: int) -> None:
     """Same contract as ``optim_update_many``, for CPU tensors."""
     needs_first, needs_second = _needed_states(algo)
-    has_maps = (qmap1 is not None or not needs_first) and (qmap2 is not None or not needs_second)
+    maps = (qmap1 is not None, qmap2 is not None)
     words: list[int] = []  # SLOT_WORDS per slot, laid out as ParamSlot
     by_reference, write_back, keep_alive = [], [], []
     for slot in slots:
@@ -136,7 +138,7 @@ def optim_update_many_cpu(algo, slots, qmap1, qmap2, hyper, bits: int, blocksize
             work = dataclasses.replace(work, param=slot.param.detach().contiguous())
         if slot.grad.is_cpu and not slot.grad.is_contiguous():
             work = dataclasses.replace(work, grad=slot.grad.contiguous())
-        slot_words = _kernel_words(work, needs_first, needs_second, has_maps, bits, blocksize)
+        slot_words = _kernel_words(work, needs_first, needs_second, maps, bits, blocksize)
         if slot_words is None:
             by_reference.append(slot)
             continue
@@ -176,10 +178,10 @@ def plan_update_many_cpu(algo, slots, qmap1, qmap2, bits: int, blocksize: int) -
     """A ``CpuUpdatePlan`` when the kernel takes every slot as it lies, else a plan that launches
     ``optim_update_many_cpu`` each step."""
     needs_first, needs_second = _needed_states(algo)
-    has_maps = (qmap1 is not None or not needs_first) and (qmap2 is not None or not needs_second)
+    maps = (qmap1 is not None, qmap2 is not None)
     words: list[int] = []
     for slot in slots:
-        slot_words = _kernel_words(slot, needs_first, needs_second, has_maps, bits, blocksize)
+        slot_words = _kernel_words(slot, needs_first, needs_second, maps, bits, blocksize)
         if slot_words is None:
             return UpdatePlan(algo, slots, qmap1, qmap2, bits, blocksize)
         words += slot_words
