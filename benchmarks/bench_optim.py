@@ -42,6 +42,7 @@ def main() -> None:
     rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb)
     command = "python benchmarks/bench_optim.py" + (f" --sizes {args.sizes}" if args.sizes != DEFAULT_SIZES else "")
     command += f" --threads {args.threads}" if args.threads else ""
+    command += f" --repeats {args.repeats}" if args.repeats != 5 else ""
     optim.write(rows, args.json, args.markdown, command=command)
 
 

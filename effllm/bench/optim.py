@@ -3,8 +3,10 @@
 For each size, one set of parameters shaped like transformer blocks (four [d, d] attention matrices, the
 [4d, d] and [d, 4d] MLP matrices and two norm vectors per block) and one set of gradients; every optimizer
 starts from copies of the same parameters and steps with the same gradients. Step time is the best of N
-after warm-up (the first steps allocate state); state memory counts every distinct tensor an optimizer
-keeps in ``optimizer.state`` (codes, absmax, quantization maps, moments, step counters).
+after warm-up (the first steps allocate state), the optimizers of a size taking their steps in turn
+(round-robin), so that the machine's busy spells do not land on one of them alone. State memory counts every
+distinct tensor an optimizer keeps in ``optimizer.state`` (codes, absmax, quantization maps, moments, step
+counters).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import datetime
 import gc
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .harness import best_time, machine, machine_line, markdown_table, update_markdown_section, write_csv, write_json
+from .harness import machine, machine_line, markdown_table, update_markdown_section, write_csv, write_json
 
 NAME = "optim"
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -27,7 +30,7 @@ MATRIX_ALIGN = 32  # hidden sizes are multiples of this, as in real models
 MAX_BLOCK_WIDTH = 4096  # wider than this, a size becomes several blocks
 WARMUP_STEPS = 2
 BUDGET_S = 5.0  # timing stops after this much time per optimizer and size (bitsandbytes is slow on CPU)
-GC_MIN_PARAMS = 10_000_000  # collect garbage between candidates from this size on (a collection costs ~0.1 s)
+GC_MIN_PARAMS = 10_000_000  # collect garbage between sizes from this size on (a collection costs ~0.1 s)
 BUSY_LOAD_PER_CORE = 0.5  # a load average above this per CPU marks the figures as taken on a busy machine
 TARGET_STATE_BYTES = 2.04
 TARGET_RATIO_TO_FUSED = 2.0
@@ -79,23 +82,35 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def _measure(factory: Callable, initial: list[torch.Tensor], grads: list[torch.Tensor], repeats: int,
-             synchronize) -> dict:
-    params = [torch.nn.Parameter(p.clone()) for p in initial]
-    for param, grad in zip(params, grads):
-        param.grad = grad
-    optimizer = factory(params)
-    seconds, runs = best_time(optimizer.step, repeats, WARMUP_STEPS, BUDGET_S, synchronize)
-    result = {"step_ms": round(seconds * 1e3, 3), "timed_steps": runs,
-              "state_bytes_per_param": round(state_bytes(optimizer) / sum(p.numel() for p in params), 4)}
-    del optimizer, params
-    if sum(p.numel() for p in initial) >= GC_MIN_PARAMS:
-        gc.collect()  # free this candidate's parameters and state before the next one allocates its own
-    return result
+def _round_robin(optimizers: dict[str, torch.optim.Optimizer], repeats: int, synchronize) -> dict[str, tuple]:
+    """label -> (best seconds of one step, timed steps). Every optimizer steps once per round, in turn, so a
+    busy spell of the machine hits all of them rather than whichever was being timed alone; a candidate
+    stops being timed once it has spent BUDGET_S seconds (bitsandbytes is slow on CPU)."""
+    sync = synchronize or (lambda: None)
+    for _ in range(WARMUP_STEPS - 1):  # run() took the first
+        for optimizer in optimizers.values():
+            optimizer.step()
+    sync()
+    best = {label: float("inf") for label in optimizers}
+    runs = dict.fromkeys(optimizers, 0)
+    spent = dict.fromkeys(optimizers, 0.0)
+    for _ in range(max(1, repeats)):
+        for label, optimizer in optimizers.items():
+            if runs[label] and spent[label] >= BUDGET_S:
+                continue
+            start = time.perf_counter()
+            optimizer.step()
+            sync()
+            elapsed = time.perf_counter() - start
+            best[label] = min(best[label], elapsed)
+            runs[label] += 1
+            spent[label] += elapsed
+    return {label: (best[label], runs[label]) for label in optimizers}
 
 
 def run(sizes: list[int], repeats: int = 5, include_bnb: bool = True, device: str = "cpu") -> list[dict]:
-    """One row per (size, optimizer): step_ms, timed_steps, state_bytes_per_param, ratio_to_fused."""
+    """One row per (size, optimizer): step_ms, timed_steps, state_bytes_per_param, ratio_to_fused. The
+    optimizers of one size are timed round-robin (``_round_robin``) after all of them are built."""
     device = torch.device(device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else None
     found = candidates(include_bnb)
@@ -107,25 +122,36 @@ def run(sizes: list[int], repeats: int = 5, include_bnb: bool = True, device: st
         grads = [(torch.randn(shape, generator=generator) * 1e-2).to(device) for shape in shapes]
         count = sum(p.numel() for p in initial)
         load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-        size_rows = []
+        size_rows, optimizers = {}, {}
         for label, factory in found.items():
-            row = {"size": size, "params": count, "optimizer": label, "load_average_1m": load}
+            row = size_rows[label] = {"size": size, "params": count, "optimizer": label, "load_average_1m": load}
             if isinstance(factory, str):
                 row["error"] = factory
-            else:
-                try:
-                    row.update(_measure(factory, initial, grads, repeats, synchronize))
-                except Exception as error:  # noqa: BLE001 - one failing candidate must not lose the others
-                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
-            size_rows.append(row)
-            print(f"{count / 1e6:7.1f}M  {label:30s}  " + (f"{row['step_ms']:9.2f} ms  "
+                continue
+            params = [torch.nn.Parameter(p.clone()) for p in initial]
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            try:
+                optimizers[label] = factory(params)
+                optimizers[label].step()  # a candidate that cannot step is reported, not timed
+            except Exception as error:  # noqa: BLE001 - one failing candidate must not lose the others
+                row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+                optimizers.pop(label, None)
+        for label, (seconds, runs) in _round_robin(optimizers, repeats, synchronize).items():
+            optimizer = optimizers[label]
+            size_rows[label].update(step_ms=round(seconds * 1e3, 3), timed_steps=runs, state_bytes_per_param=round(
+                state_bytes(optimizer) / sum(p.numel() for g in optimizer.param_groups for p in g["params"]), 4))
+        for row in size_rows.values():
+            print(f"{count / 1e6:7.1f}M  {row['optimizer']:30s}  " + (f"{row['step_ms']:9.2f} ms  "
                   f"{row['state_bytes_per_param']:.3f} B/param" if "step_ms" in row else row["error"]), flush=True)
-        fused = next((r["step_ms"] for r in size_rows if r["optimizer"] == FUSED and "step_ms" in r), None)
-        for row in size_rows:
+        fused = size_rows.get(FUSED, {}).get("step_ms")
+        for row in size_rows.values():
             if fused and "step_ms" in row:
                 row["ratio_to_fused"] = round(row["step_ms"] / fused, 3)
-        rows += size_rows
-        del initial, grads
+        rows += size_rows.values()
+        del initial, grads, optimizers
+        if count >= GC_MIN_PARAMS:
+            gc.collect()  # free this size's parameters and states before the next size allocates its own
     return rows
 
 
@@ -182,7 +208,8 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         "AdamW step time in milliseconds (lr 1e-3, weight decay 0.01), best of "
         f"{max((row.get('timed_steps', 0) for row in rows), default=0)} after {WARMUP_STEPS} warm-up steps "
         f"(slow candidates stop after {BUDGET_S:g} s of timing); every optimizer starts from the same parameters, "
-        "shaped like transformer blocks, and steps with the same gradients, in one process run.",
+        "shaped like transformer blocks, and steps with the same gradients, in one process run; the optimizers "
+        "of a size take their timed steps in turn (round-robin), so a busy spell of the machine hits them all.",
         "",
         times,
         "",
