@@ -118,3 +118,17 @@ def test_plan_keeps_no_gradient_alive():
     before = param.detach().clone()
     optimizer.step()
     assert not torch.equal(param, before)
+
+
+def test_loading_a_state_dict_frees_the_replaced_states():
+    """(torch's load_state_dict ends in __setstate__, which drops the plans with the other caches.)"""
+    param = torch.nn.Parameter(torch.randn(5000))
+    optimizer = AdamW8bit([param], lr=1e-2)
+    param.grad = torch.randn(5000)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    old = weakref.ref(optimizer.state[param]["state1"])
+    optimizer.load_state_dict(saved)
+    del saved
+    gc.collect()
+    assert old() is None
