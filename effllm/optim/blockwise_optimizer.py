@@ -7,6 +7,7 @@ parameter, multi-tensor launch, state_dict) lives here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -62,7 +63,6 @@ class BlockwiseOptimizer(Optimizer):
 
     def _init_caches(self) -> None:
         self._maps: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self._step_counts: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}  # param -> (step tensor, value)
         self._plans: dict[int, GroupPlan] = {}  # param group index -> its launches, kept between steps
 
     def __setstate__(self, state: dict) -> None:
@@ -128,14 +128,6 @@ class BlockwiseOptimizer(Optimizer):
                     state[f"absmax{index}" if suffix else f"state{index}"] = tensor
 
     # --- the step -----------------------------------------------------------------------------------
-    def _step_count(self, param: torch.Tensor, state: dict) -> int:
-        """The value of ``state["step"]``, read from the tensor only when it is not the one last seen:
-        reading a tensor costs microseconds per parameter. A state loaded, reset or replaced since holds a
-        new tensor, so it is read afresh."""
-        counter = state["step"]
-        cached = self._step_counts.get(param)
-        return cached[1] if cached is not None and cached[0] is counter else int(counter)
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -147,11 +139,9 @@ class BlockwiseOptimizer(Optimizer):
             plan = self._plans.get(index)
             grads = plan.gradients(group, self.state) if plan is not None else None
             if grads is None:
-                if plan is not None:  # what it knew of the step counters outlives it
-                    self._step_counts.update(plan.step_counts())
                 plan = self._plans[index] = self._plan_group(group)
                 grads = plan.gradients(group, self.state)
-            plan.launch(lambda step, group=group: self.hyper(group, step), grads)
+            plan.launch(functools.partial(self.hyper, group), grads)
             launched += plan.buckets
         count_steps(launched)
         return loss
@@ -170,13 +160,13 @@ class BlockwiseOptimizer(Optimizer):
             state = self.state[param]
             if not state:
                 self._init_state(param, group, state)
-            step = self._step_count(param, state) + 1
+            step = int(state["step"]) + 1  # read only when planning: a plan counts on from it
             local = local_tensor(param)  # FSDP2: each rank updates its shard, blocks are per shard
             key = (local.device, state["state_bits"], state["blocksize"], step)
             slots, bucket = buckets.setdefault(key, ([], Bucket(None, step)))
             slots.append(ParamSlot(local, local_tensor(grad), state.get("state1"), state.get("state2"),
                                    state.get("absmax1"), state.get("absmax2")))
-            bucket.add_counter(param, state["step"])
+            bucket.add_counter(state["step"])
             entries.append(plan_entry(param, grad, state, bucket, len(slots) - 1))
         for (device, bits, blocksize, _), (slots, bucket) in buckets.items():
             qmap1, qmap2 = self._maps_for(bits, device)

@@ -29,16 +29,13 @@ class Bucket:
 
     launch_plan: UpdatePlan | None
     step: int  # the step number of the next launch
-    params: list[torch.Tensor] = field(default_factory=list)
-    counters: list[torch.Tensor] = field(default_factory=list)  # their state["step"] tensors
-    # NumPy views of the CPU counters (torch's convention: no device sync), made once: adding one through a
-    # view costs about a microsecond, a dispatched add_ several, _foreach_add_ over 8 counters 20 to 200.
+    # The parameters' state["step"] counters: NumPy views of the CPU ones (torch's convention: no device
+    # sync), made once, since adding one through a view costs about a microsecond, a dispatched add_ several,
+    # and _foreach_add_ over 8 counters 20 to 200.
     counter_views: list = field(default_factory=list)
     device_counters: list[torch.Tensor] = field(default_factory=list)  # the others
 
-    def add_counter(self, param: torch.Tensor, counter: torch.Tensor) -> None:
-        self.params.append(param)
-        self.counters.append(counter)
+    def add_counter(self, counter: torch.Tensor) -> None:
         if counter.device.type == "cpu" and not counter.requires_grad:
             self.counter_views.append(counter.numpy())
         else:
@@ -75,12 +72,6 @@ class GroupPlan:
     group: dict
     entries: list[Entry]
     buckets: list[Bucket]
-
-    def step_counts(self):
-        """(param, (its step tensor, the tensor's value)) for every parameter the plan has stepped."""
-        for bucket in self.buckets:
-            for param, counter in zip(bucket.params, bucket.counters):
-                yield param, (counter, bucket.step - 1)
 
     def gradients(self, group: dict, states) -> dict[int, list[torch.Tensor]] | None:
         """The (local) gradients of each bucket (by ``id``) in slot order, or None when the plan no longer

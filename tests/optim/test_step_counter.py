@@ -1,7 +1,7 @@
 """The step number each update uses (bias correction) follows ``state["step"]`` through reloads and resets.
 
-``BlockwiseOptimizer`` caches the Python value of every step tensor to avoid reading tensors each step; these
-tests pin down that the cache never outlives the tensor it describes.
+``BlockwiseOptimizer`` reads step tensors only when it plans a group and counts on from there; these
+tests pin down that a plan never outlives the counter it counts on from.
 """
 
 import copy
