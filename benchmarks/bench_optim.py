@@ -33,17 +33,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="best of N after warm-up (default 5)")
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
     parser.add_argument("--threads", type=int, help="torch (and effllm kernel) threads (default: torch's choice)")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "optim.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); CUDA figures get their own section")
+    parser.add_argument("--json", help="default benchmarks/results/optim.json (optim_cuda.json on CUDA)")
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     sizes = [parse_size(item) for item in args.sizes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb)
+    rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb, device=args.device)
+    json_path = args.json or str(REPO / "benchmarks" / "results" / f"{optim.section_name(args.device)}.json")
     command = "python benchmarks/bench_optim.py" + (f" --sizes {args.sizes}" if args.sizes != DEFAULT_SIZES else "")
     command += f" --threads {args.threads}" if args.threads else ""
     command += f" --repeats {args.repeats}" if args.repeats != 5 else ""
-    optim.write(rows, args.json, args.markdown, command=command)
+    command += f" --device {args.device}" if args.device != "cpu" else ""
+    optim.write(rows, json_path, args.markdown, command=command, device=args.device)
 
 
 if __name__ == "__main__":

@@ -98,16 +98,26 @@ def _parse_sizes(text: str) -> list[int]:
 @click.option("--sizes", default="1M,4M,16M,64M,100M", show_default=True, help="Parameter counts to measure.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Best of N after warm-up.")
 @click.option("--no-bnb", is_flag=True, help="Leave bitsandbytes out.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
               help="Write/refresh the optimizer section of this markdown file (e.g. docs/benchmarks.md).")
-def bench_optim(sizes: str, repeats: int, no_bnb: bool, json_path: str | None, markdown_path: str | None) -> None:
+def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, json_path: str | None,
+                markdown_path: str | None) -> None:
     """Step time and state bytes/param: torch AdamW vs bitsandbytes vs effllm AdamW8bit."""
     parsed = _parse_sizes(sizes)
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
     from effllm.bench import optim
 
-    rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb)
-    optim.write(rows, json_path, markdown_path)
+    rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device)
+    optim.write(rows, json_path, markdown_path, device=device)
 
 
 def _group_size(value: str) -> int | None:

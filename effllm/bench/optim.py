@@ -36,6 +36,7 @@ TARGET_STATE_BYTES = 2.04
 TARGET_RATIO_TO_FUSED = 2.0
 EFFLLM_8BIT = "effllm AdamW8bit"
 FUSED = "torch AdamW (fused)"
+BNB = "bitsandbytes AdamW8bit"
 
 
 def param_shapes(size: int) -> list[tuple[int, ...]]:
@@ -62,9 +63,9 @@ def candidates(include_bnb: bool = True) -> dict[str, Callable | str]:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            found["bitsandbytes AdamW8bit"] = "not installed"
+            found[BNB] = "not installed"
         else:
-            found["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, **HYPER)
+            found[BNB] = lambda ps: bnb.optim.AdamW8bit(ps, **HYPER)
     found[EFFLLM_8BIT] = lambda ps: AdamW8bit(ps, **HYPER)
     found["effllm AdamW (4-bit states)"] = lambda ps: AdamW8bit(ps, **HYPER, state_bits=4)
     found["effllm AdamW (32-bit states)"] = lambda ps: AdamW8bit(ps, **HYPER, state_bits=32)
@@ -159,8 +160,14 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
 
-def markdown(rows: list[dict], info: dict, command: str) -> str:
-    """The optimizer section of docs/benchmarks.md."""
+def section_name(device: str) -> str:
+    """The docs/benchmarks.md section of a device's figures (CPU and GPU tables live side by side)."""
+    return NAME if torch.device(device).type == "cpu" else f"{NAME}_{torch.device(device).type}"
+
+
+def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") -> str:
+    """The optimizer section of docs/benchmarks.md for ``device``."""
+    on_gpu = torch.device(device).type != "cpu"
     labels = list(dict.fromkeys(row["optimizer"] for row in rows))
     sizes = list(dict.fromkeys(row["params"] for row in rows))
     cell = {(row["params"], row["optimizer"]): row for row in rows}
@@ -186,21 +193,29 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         worst_bytes = max(row["state_bytes_per_param"] for row in own)
         verdicts.append(f"state ≤ {TARGET_STATE_BYTES} bytes/parameter: "
                         f"{'met' if worst_bytes <= TARGET_STATE_BYTES else 'NOT met'} ({worst_bytes:.3f} at most)")
-        ratios = {_millions(row["params"]): row["ratio_to_fused"] for row in own if "ratio_to_fused" in row}
-        met = [size for size, value in ratios.items() if value <= TARGET_RATIO_TO_FUSED]
-        missed = [size for size, value in ratios.items() if value > TARGET_RATIO_TO_FUSED]
-        verdicts.append(f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW: met at {', '.join(met) or 'no size'}"
-                        + (f"; not met at {', '.join(missed)}" if missed else ""))
+        if on_gpu:  # the GPU target is against bitsandbytes (the bandwidth target is bench_optim_gpu's)
+            ratios = {_millions(row["params"]): row["step_ms"] / cell[(row["params"], BNB)]["step_ms"]
+                      for row in own if "step_ms" in cell.get((row["params"], BNB), {})}
+            met = [size for size, value in ratios.items() if value < 1]
+            missed = [size for size, value in ratios.items() if value >= 1]
+            verdicts.append(f"8-bit step faster than bitsandbytes: met at {', '.join(met) or 'no size'}"
+                            + (f"; not met at {', '.join(missed)}" if missed else ""))
+        else:
+            ratios = {_millions(row["params"]): row["ratio_to_fused"] for row in own if "ratio_to_fused" in row}
+            met = [size for size, value in ratios.items() if value <= TARGET_RATIO_TO_FUSED]
+            missed = [size for size, value in ratios.items() if value > TARGET_RATIO_TO_FUSED]
+            verdicts.append(f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW: met at "
+                            f"{', '.join(met) or 'no size'}" + (f"; not met at {', '.join(missed)}" if missed else ""))
     loads = [row["load_average_1m"] for row in rows if row.get("load_average_1m") is not None]
     load, cores = max(loads, default=None), info.get("logical_cores") or 1
     note = ""
-    if load is not None and load > BUSY_LOAD_PER_CORE * cores:
+    if load is not None and load > BUSY_LOAD_PER_CORE * cores and not on_gpu:
         note = (f"Note: measured while other processes kept the machine busy (load average up to {load} on {cores} "
                 "CPUs): multi-threaded times, torch's above all, are inflated and noisy; rerun on a quiet machine "
                 "before trusting a ratio.")
     date = datetime.date.today().isoformat()
     return "\n".join([
-        "## Optimizer step",
+        "## Optimizer step" + (f" on {info.get('gpu') or device}" if on_gpu else ""),
         "",
         f"Written by `benchmarks/bench_optim.py` on {date}: `{command}`.",
         f"Machine: {machine_line(info)}.",
@@ -221,17 +236,18 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
 
 
 def write(rows: list[dict], json_path: str | None, markdown_path: str | None,
-          command: str = "effllm bench optim") -> None:
+          command: str = "effllm bench optim", device: str = "cpu") -> None:
     """Print the table; write JSON (and CSV beside it) and the markdown section where paths are given."""
     info = machine()
     info["load_average_1m_at_end"] = info.pop("load_average_1m", None)
     if rows and rows[0].get("load_average_1m") is not None:
         info["load_average_1m"] = rows[0]["load_average_1m"]  # machine_line reports it as the start's
-    section = markdown(rows, info, command)
+    section = markdown(rows, info, command, device)
     print(section)
     if json_path:
-        write_json(json_path, {"benchmark": NAME, "command": command, "machine": info, "hyper": HYPER,
-                               "warmup_steps": WARMUP_STEPS, "budget_s": BUDGET_S, "rows": rows})
+        write_json(json_path, {"benchmark": section_name(device), "device": device, "command": command,
+                               "machine": info, "hyper": HYPER, "warmup_steps": WARMUP_STEPS,
+                               "budget_s": BUDGET_S, "rows": rows})
         write_csv(Path(json_path).with_suffix(".csv"), rows)
     if markdown_path:
-        update_markdown_section(markdown_path, NAME, section)
+        update_markdown_section(markdown_path, section_name(device), section)

@@ -199,8 +199,9 @@ def test_backend_passes_gradients_through_the_reference(backend):
 
 
 def test_inconsistent_arguments_are_refused(backend):
-    codes, scales, qmap, _ = make_packed(4, 8, 6, 16)
-    x = make_x((2, 16))
+    _, device = backend
+    codes, scales, qmap, _ = make_packed(4, 8, 6, 16, device=device)
+    x = make_x((2, 16), device=device)
     with pytest.raises(ValueError, match="codes must hold"):
         blockwise_matmul(x, codes[: packed_numel(6 * 16, 4) - 1], scales, qmap, 4, 8, 6, 16, False)
     with pytest.raises(ValueError, match="scales cannot cover"):
@@ -212,7 +213,7 @@ def test_inconsistent_arguments_are_refused(backend):
     with pytest.raises(ValueError, match="blocksize"):
         blockwise_matmul(x, codes, scales, qmap, 4, 0, 6, 16, False)
     with pytest.raises(ValueError, match="features"):
-        blockwise_matmul(make_x((2, 15)), codes, scales, qmap, 4, 8, 6, 16, False)
+        blockwise_matmul(make_x((2, 15), device=device), codes, scales, qmap, 4, 8, 6, 16, False)
 
 
 @pytest.mark.gpu

@@ -84,7 +84,7 @@ def test_exact_midpoints_quantize_as_the_reference(backend, kind, signed, bits):
     assert torch.equal(codes.cpu(), quantize_blockwise_ref(x, qmap, blocksize=x.numel())[0])
 
 
-def _bucket(bits: int, blocksize: int, seed: int = 0) -> list[ParamSlot]:
+def _bucket(bits: int, blocksize: int, device: str = "cpu", seed: int = 0) -> list[ParamSlot]:
     """Parameters of several sizes and dtypes (more than one thread's share in total) with 8- or 4-bit states."""
     generator = torch.Generator().manual_seed(seed)
     slots = []
@@ -98,7 +98,8 @@ def _bucket(bits: int, blocksize: int, seed: int = 0) -> list[ParamSlot]:
             codes = codes[0::2] | (codes[1::2] << 4)
         states = [codes.to(torch.uint8), codes.flip(0).to(torch.uint8)]
         absmax = [torch.rand(blocks, generator=generator) * 0.1, torch.rand(blocks, generator=generator) * 1e-3]
-        slots.append(ParamSlot(param, grad, states[0], states[1], absmax[0], absmax[1]))
+        tensors = (param, grad, states[0], states[1], absmax[0], absmax[1])
+        slots.append(ParamSlot(*(tensor.to(device) for tensor in tensors)))
     return slots
 
 
@@ -116,7 +117,7 @@ def test_update_does_not_depend_on_the_thread_count(backend, bits, blocksize):
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            slots = _bucket(bits, blocksize)
+            slots = _bucket(bits, blocksize, device)
             optim_update_many("adamw", slots, *maps, hyper, bits, blocksize)
             results.append(slots)
     finally:
@@ -128,12 +129,13 @@ def test_update_does_not_depend_on_the_thread_count(backend, bits, blocksize):
 
 def test_non_contiguous_parameter_is_updated_in_place(backend):
     _, device = backend
-    qmap1, qmap2 = make_map("dynamic", True, 8), make_map("dynamic", False, 8)
+    qmap1, qmap2 = make_map("dynamic", True, 8, device), make_map("dynamic", False, 8, device)
     generator = torch.Generator().manual_seed(0)
-    base = torch.randn(300, 70, generator=generator)
-    grad = torch.randn(70, 300, generator=generator)
-    states = [torch.full((21000,), 128, dtype=torch.uint8), torch.zeros(21000, dtype=torch.uint8)]
-    absmax = [torch.zeros(83), torch.zeros(83)]
+    base = torch.randn(300, 70, generator=generator).to(device)
+    grad = torch.randn(70, 300, generator=generator).to(device)
+    states = [torch.full((21000,), 128, dtype=torch.uint8, device=device),
+              torch.zeros(21000, dtype=torch.uint8, device=device)]
+    absmax = [torch.zeros(83, device=device), torch.zeros(83, device=device)]
     hyper = Hyper(lr=1e-2, weight_decay=0.1, step=1)
     expected = base.t().contiguous()
     ref_states, ref_absmax = [s.clone() for s in states], [a.clone() for a in absmax]

@@ -201,8 +201,9 @@ def test_cpu_many_rows_equal_the_reference_bit_for_bit(monkeypatch):
 
 
 def test_inconsistent_arguments_are_refused(backend):
-    qweight, scales, zeros, _ = make_weight(4, 8, 6, 16)
-    x = make_x((2, 16))
+    _, device = backend
+    qweight, scales, zeros, _ = make_weight(4, 8, 6, 16, device=device)
+    x = make_x((2, 16), device=device)
     with pytest.raises(ValueError, match="does not divide"):
         qmatmul(x, qweight, scales, zeros, 4, 5, 6, 16)
     with pytest.raises(ValueError, match="scales and zeros"):
@@ -212,4 +213,4 @@ def test_inconsistent_arguments_are_refused(backend):
     with pytest.raises(ValueError, match="1 to 8 bits"):
         qmatmul(x, qweight, scales, zeros, 9, 8, 6, 16)
     with pytest.raises(ValueError, match="features"):
-        qmatmul(make_x((2, 15)), qweight, scales, zeros, 4, 8, 6, 16)
+        qmatmul(make_x((2, 15), device=device), qweight, scales, zeros, 4, 8, 6, 16)

@@ -1,0 +1,44 @@
+"""GPU roofline of the optimizer update: effllm's fused AdamW kernels (32-, 8- and 4-bit states), bitsandbytes
+AdamW8bit and torch's fused AdamW on one large parameter, each against the memory-bandwidth bound measured in
+the same run (a device-to-device copy). Needs a CUDA device.
+
+    python benchmarks/bench_optim_gpu.py                  # 256Mi elements, about a minute
+    python benchmarks/bench_optim_gpu.py --numel 64M
+
+Writes benchmarks/results/optim_gpu.json and the optim_gpu section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from effllm.bench import optim_gpu
+
+REPO = Path(__file__).resolve().parents[1]
+UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_numel(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * UNITS[text[-1]]) if text[-1:] in UNITS else int(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", default="256M", help="elements of the parameter (default 256M = 256 * 2**20)")
+    parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "optim_gpu.json"))
+    parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_optim_gpu.py: no CUDA device is visible here; run it on a machine with a GPU")
+    result = optim_gpu.run(parse_numel(args.numel), include_bnb=not args.no_bnb)
+    command = "python benchmarks/bench_optim_gpu.py" + (f" --numel {args.numel}" if args.numel != "256M" else "")
+    optim_gpu.write(result, args.json, args.markdown, command)
+
+
+if __name__ == "__main__":
+    main()
