@@ -33,7 +33,9 @@ from ._blockwise_triton import (
     tile_for,
     to_storage_dtype,
 )
+from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import num_blocks
+from .dynamic_codes import DynamicCodes
 from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, optim_update_ref
 from .packing import packed_numel
 from .quant_maps import map_midpoints
@@ -66,6 +68,14 @@ LERP_SWITCH: tl.constexpr = tl.constexpr(0.5)
 # Two lanes at least: the kernel views a tile as byte pairs (TILE // 2), even when no state is packed.
 MIN_TILE = 2
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Elements and fewest warps per program when states are quantized (whole blocks; one block when blocks are
+# larger). Measured on an H200 (256Mi elements, 8-bit AdamW): 256 elements in 4 warps 2.77 ms, in 2 warps 2.92,
+# 512 in 4 warps 3.80, 2048 in 8 warps 7.87 (docs/optim.md).
+QUANTIZED_ELEMENTS_PER_PROGRAM = 256
+QUANTIZED_MIN_WARPS = 4
+# Maps of at least this many entries have their codes computed (``dynamic_codes``) when they can: a smaller map
+# (the 4-bit ones) fits in one 128-byte cache line, where a gather costs no more than the arithmetic.
+COMPUTED_MIN_MAP_SIZE = 33
 # Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
 TABLE_CACHE_SIZE = 64
 
@@ -75,6 +85,16 @@ def _lerp(start, end, weight):
     """``torch.lerp(start, end, weight)`` with a scalar weight, rounding as torch does (one fma)."""
     diff = end - start
     return tl.where(weight < LERP_SWITCH, tl.fma(weight, diff, start), tl.fma(weight - 1.0, diff, end))
+
+
+@triton.jit
+def _nearest_code(x, mid_ptr, n_mid, dynamic_ptr,
+                  BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
+    """The nearest map entry of each normalised value: computed for a dynamic map, else searched for."""
+    if COMPUTED:
+        return dynamic_encode(x, dynamic_ptr, mid_ptr, BITS, SIGNED)
+    else:
+        return nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS)
 
 
 @triton.jit
@@ -104,11 +124,12 @@ def _load_state(
 @triton.jit
 def _store_state(
     new,  # [ROWS, TILE] fp32
-    state_addr, absmax_addr, mid_ptr, n_mid,
+    state_addr, absmax_addr, mid_ptr, n_mid, dynamic_ptr,
     block, block_mask,  # [ROWS]
     offs, mask,  # [ROWS, TILE]
     byte_offs, byte_mask,  # [ROWS, TILE // 2]
     BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    COMPUTED: tl.constexpr, SIGNED: tl.constexpr,
 ):
     """Write ``new`` back: fp32 as is, or requantized with each block's fresh absmax."""
     if BITS == 32:
@@ -116,7 +137,8 @@ def _store_state(
     else:
         absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)  # [ROWS]
         scale = tl.where(absmax > 0, absmax, 1.0)  # an all-zero block divides by 1
-        code = nearest_code(tl.math.div_rn(new, scale[:, None]), mid_ptr, n_mid, SEARCH_STEPS)
+        code = _nearest_code(tl.math.div_rn(new, scale[:, None]), mid_ptr, n_mid, dynamic_ptr,
+                             BITS, SEARCH_STEPS, COMPUTED, SIGNED)
         code = tl.where(mask, code, 0)  # the spare nibble of an odd-sized tensor is 0, as in pack_bits_ref
         codes_ptr = state_addr.to(tl.pointer_type(tl.uint8))
         if BITS == 8:
@@ -132,7 +154,8 @@ def _optim_update_kernel(
     table_ptr,  # int64 [nparams, TABLE_COLS]
     work_ptr,  # int64 [nprograms, WORK_COLS]
     qmap1_ptr, mid1_ptr, n_mid1,  # first-moment map [2**bits] and its midpoints [n_mid1], fp32
-    qmap2_ptr, mid2_ptr, n_mid2,  # second-moment map and midpoints
+    dynamic1_ptr,  # its DynamicCodes table (read when COMPUTED1)
+    qmap2_ptr, mid2_ptr, n_mid2, dynamic2_ptr,  # the same for the second moment
     lr, beta1, beta2, eps, weight_decay,
     one_minus_beta1, one_minus_beta2, one_minus_dampening,
     decay_factor,  # 1 - lr * weight_decay (decoupled decay)
@@ -144,6 +167,7 @@ def _optim_update_kernel(
     WEIGHT_DECAY: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH1: tl.constexpr, SEARCH2: tl.constexpr,
+    COMPUTED1: tl.constexpr, SIGNED1: tl.constexpr, COMPUTED2: tl.constexpr, SIGNED2: tl.constexpr,
 ):
     work = work_ptr + tl.program_id(0) * WORK_COLS
     row = table_ptr + tl.load(work) * TABLE_COLS
@@ -212,12 +236,12 @@ def _optim_update_kernel(
     tl.store(param_ptr + offs, to_storage_dtype(p, P_DTYPE), mask=mask)
     if HAS_STATE1:
         _store_state(tl.where(finite, m, m_old), tl.load(row + COL_STATE1), tl.load(row + COL_ABSMAX1),
-                     mid1_ptr, n_mid1, block, block_mask, offs, mask, byte_offs, byte_mask,
-                     BITS, ROWS, TILE, SEARCH1)
+                     mid1_ptr, n_mid1, dynamic1_ptr, block, block_mask, offs, mask, byte_offs, byte_mask,
+                     BITS, ROWS, TILE, SEARCH1, COMPUTED1, SIGNED1)
     if HAS_STATE2:
         _store_state(tl.where(finite, v, v_old), tl.load(row + COL_STATE2), tl.load(row + COL_ABSMAX2),
-                     mid2_ptr, n_mid2, block, block_mask, offs, mask, byte_offs, byte_mask,
-                     BITS, ROWS, TILE, SEARCH2)
+                     mid2_ptr, n_mid2, dynamic2_ptr, block, block_mask, offs, mask, byte_offs, byte_mask,
+                     BITS, ROWS, TILE, SEARCH2, COMPUTED2, SIGNED2)
 
 
 # --- host side --------------------------------------------------------------------------------------------
@@ -285,13 +309,18 @@ def _tables(tensors: Sequence[tuple], numels: Sequence[int], rows_len: int, rows
     return cached
 
 
-def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torch.Tensor):
-    """(map, midpoints, number of midpoints, search steps) for the kernel; placeholders at 32 bits."""
+def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torch.Tensor) -> tuple[list, dict]:
+    """The kernel's arguments for one state's map: (map, midpoints, number of midpoints, DynamicCodes table)
+    and its constexprs (search steps, whether codes are computed, signed); placeholders at 32 bits."""
     if qmap is None:
-        return placeholder, placeholder, 0, 0
+        return [placeholder, placeholder, 0, placeholder], dict(SEARCH=0, COMPUTED=False, SIGNED=False)
     table = qmap.to(device=device, dtype=torch.float32).contiguous()
     midpoints = map_midpoints(table).contiguous()
-    return table, midpoints, midpoints.numel(), search_steps(table.numel())
+    codes = DynamicCodes.for_map(qmap, device) if table.numel() >= COMPUTED_MIN_MAP_SIZE else None
+    tables = [codes.table if codes is not None else placeholder]
+    constexprs = dict(SEARCH=search_steps(table.numel()), COMPUTED=codes is not None,
+                      SIGNED=codes is not None and codes.signed)
+    return [table, midpoints, midpoints.numel(), *tables], constexprs
 
 
 def optim_update_many_triton(
@@ -326,7 +355,14 @@ def optim_update_many_triton(
     # At 32 bits there are no quantization blocks: rows are just tiles of the flat tensors.
     rows_len = ELEMENTS_PER_PROGRAM if bits == 32 else blocksize
     tile = max(tile_for(rows_len), MIN_TILE)
-    rows = rows_for(tile)
+    # Quantized states: small programs of a few elements per thread keep registers low and many warps resident
+    # (on an H200, 256-element programs of 4 warps ran 3.3x faster than 2048-element ones of 8). 32-bit states
+    # keep the larger programs of the other kernels.
+    if bits == 32:
+        rows, num_warps = rows_for(tile), num_warps_for(rows_for(tile) * tile)
+    else:
+        rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
+        num_warps = max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile))
     h = hyper
     scalars = dict(
         lr=float(h.lr), beta1=float(h.beta1), beta2=float(h.beta2), eps=float(h.eps),
@@ -346,16 +382,18 @@ def optim_update_many_triton(
         grads = [s.grad.contiguous() for s in bucket]
         tensors = [(p, g, s.state1, s.state2, s.absmax1, s.absmax2) for p, g, s in zip(params, grads, bucket)]
         table, work = _tables(tensors, [p.numel() for p in params], rows_len, rows, device)
-        map1, mid1, n_mid1, search1 = _map_args(qmap1 if not no_state1 else None, device, table)
-        map2, mid2, n_mid2, search2 = _map_args(qmap2 if not no_state2 else None, device, table)
+        args1, const1 = _map_args(qmap1 if not no_state1 else None, device, table)
+        args2, const2 = _map_args(qmap2 if not no_state2 else None, device, table)
         with on_device(device):
             _optim_update_kernel[(work.shape[0],)](
-                table, work, map1, mid1, n_mid1, map2, mid2, n_mid2, **scalars, blocksize=rows_len,
+                table, work, *args1, *args2, **scalars, blocksize=rows_len,
                 ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=not no_state1, HAS_STATE2=not no_state2,
                 WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
                 P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
-                ROWS=rows, TILE=tile, SEARCH1=search1, SEARCH2=search2,
-                num_warps=num_warps_for(rows * tile), enable_fp_fusion=False,
+                ROWS=rows, TILE=tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
+                COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
+                COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"],
+                num_warps=num_warps, enable_fp_fusion=False,
             )
         for slot, work_copy in zip(bucket, params):
             if work_copy.data_ptr() != slot.param.data_ptr():

@@ -94,6 +94,8 @@ def optim_update_ref(
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown optimizer algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
     numel = param.numel()
+    # Maps may be passed from any device (the kernels copy them too).
+    qmap1, qmap2 = (None if q is None else q.to(param.device) for q in (qmap1, qmap2))
     p_old = param.detach().reshape(-1).float()
     g = grad.reshape(-1).float()
     finite = torch.isfinite(g)

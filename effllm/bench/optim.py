@@ -174,7 +174,9 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") ->
 
     def time_cell(count, label):
         row = cell.get((count, label), {})
-        return f"{row['step_ms']:.1f}" if "step_ms" in row else row.get("error", "")
+        if "step_ms" not in row:
+            return row.get("error", "")
+        return f"{row['step_ms']:.2f}" if row["step_ms"] < 10 else f"{row['step_ms']:.1f}"
 
     def ratio(count):
         row = cell.get((count, EFFLLM_8BIT), {})

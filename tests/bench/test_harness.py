@@ -73,3 +73,42 @@ def test_optim_benchmark_runs_and_writes_json_csv_and_its_section(tmp_path, monk
     assert payload["rows"] == rows and payload["machine"]["cpu"]
     assert json_path.with_suffix(".csv").read_text().startswith("size,params,optimizer")
     assert "| parameters |" in doc.read_text() and "`pytest`" in doc.read_text()
+
+
+def _gpu_rows():
+    labels = ("torch AdamW (fused)", optim.BNB, "effllm AdamW8bit")
+    rows = []
+    for params, times in ((1_000_000, (0.1, 0.4, 0.5)), (100_000_000, (0.9, 3.1, 1.3))):
+        for label, ms in zip(labels, times):
+            rows.append({"size": params, "params": params, "optimizer": label, "step_ms": ms, "timed_steps": 20,
+                         "state_bytes_per_param": 2.03, "ratio_to_fused": round(ms / times[0], 3)})
+    return rows
+
+
+def test_cuda_figures_get_their_own_section_and_the_verdict_against_bitsandbytes(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    optim.write(_gpu_rows(), str(tmp_path / "optim_cuda.json"), str(doc), command="pytest", device="cuda")
+    optim.write(_gpu_rows(), None, str(doc), command="pytest", device="cpu")
+    text = doc.read_text()
+    assert "<!-- bench:optim_cuda:begin -->" in text and "<!-- bench:optim:begin -->" in text
+    cuda = text[text.index("<!-- bench:optim_cuda:begin -->"):text.index("<!-- bench:optim_cuda:end -->")]
+    assert "faster than bitsandbytes: met at 100.0M; not met at 1.0M" in cuda
+    assert "| 1.0M | 0.10 | 0.40 | 0.50 |" in cuda  # sub-millisecond GPU times keep two decimals
+    assert json.loads((tmp_path / "optim_cuda.json").read_text())["device"] == "cuda"
+
+
+def test_gpu_roofline_bytes_and_verdicts():
+    from effllm.bench import optim_gpu
+
+    assert optim_gpu.step_bytes(4, 4, 4, None) == 28  # fp32 AdamW: param r+w, grad, two states r+w
+    assert optim_gpu.step_bytes(4, 4, 1, 256) == 16 + 2 * 2 * 4 / 256
+    assert optim_gpu.step_bytes(2, 2, 1, 256) == 10 + 2 * 2 * 4 / 256
+    result = {"copy_gb_per_s": 4000.0, "numel": 1 << 28, "rows": [
+        {"case": optim_gpu.EFFLLM_8BIT, "ms": 2.0, "bytes_per_element": 16.06, "gb_per_s": 2000, "of_bound": 0.5},
+        {"case": optim_gpu.BNB_8BIT, "ms": 6.0, "bytes_per_element": 16.06, "gb_per_s": 700, "of_bound": 0.17},
+        {"case": "torch AdamW (fused), bf16 params", "error": "RuntimeError: no"}]}
+    text = optim_gpu.markdown(result, {"gpu": "Some GPU", "cpu": "x", "logical_cores": 2, "torch_threads": 2,
+                                       "torch": "2"}, "pytest")
+    assert "at ≥ 80% of the bandwidth bound: NOT met (50%)" in text
+    assert "faster than bitsandbytes: met (3.00× bitsandbytes' speed)" in text
+    assert "| torch AdamW (fused), bf16 params | RuntimeError: no |" in text

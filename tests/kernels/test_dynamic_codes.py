@@ -1,0 +1,109 @@
+"""Computed codes of the dynamic map (``dynamic_codes``): the torch replay of the kernels' arithmetic and the
+Triton encoder both give ``torch.bucketize``'s code at every probe (midpoints and their float32 neighbours,
+level thresholds, specials, random values of every scale); maps that are not dynamic maps keep the search."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from effllm.kernels import triton_available, triton_interpreting
+from effllm.kernels.dynamic_codes import (
+    COL_OFFSET,
+    COL_THRESHOLD,
+    LEVELS_CAPACITY,
+    DynamicCodes,
+    encode_ref,
+    probes,
+    verify_encode,
+)
+from effllm.kernels.quant_maps import dynamic_map, linear_map, map_midpoints
+
+if triton_available():
+    import triton
+    import triton.language as tl
+    from effllm.kernels._dynamic_codes_triton import dynamic_encode
+
+    @triton.jit
+    def _encode_kernel(x_ptr, out_ptr, numel, table_ptr, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, dynamic_encode(x, table_ptr, mid_ptr, BITS, SIGNED), mask=mask)
+
+DYNAMIC_MAPS = [(bits, signed) for bits in range(2, 9) for signed in (True, False)]
+
+
+def _triton_devices() -> list[str]:
+    devices = []
+    if triton_available() and triton_interpreting():
+        devices.append("cpu")
+    if triton_available() and not triton_interpreting() and torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+@pytest.mark.parametrize("bits,signed", DYNAMIC_MAPS)
+def test_computed_code_equals_bucketize(bits, signed):
+    qmap = dynamic_map(signed, bits)
+    codes = DynamicCodes.for_map(qmap)
+    assert codes is not None and (codes.bits, codes.signed) == (bits, signed)
+    x, midpoints = probes(qmap, codes, seed=1), map_midpoints(qmap)
+    assert torch.equal(encode_ref(codes, x, midpoints), torch.bucketize(x, midpoints))
+
+
+def test_other_maps_keep_the_search():
+    nudged = dynamic_map(True, 8)
+    nudged[200] = nudged[200].nextafter(torch.tensor(2.0))  # one entry one ulp off
+    for qmap in (linear_map(True, 8), linear_map(False, 8), linear_map(False, 4, include_zero=False), nudged,
+                 dynamic_map(True, 8)[:100], dynamic_map(True, 8).flip(0)):
+        assert DynamicCodes.for_map(qmap) is None
+
+
+def test_an_edited_map_is_read_again():
+    qmap = dynamic_map(True, 8)
+    assert DynamicCodes.for_map(qmap) is not None
+    qmap[3] += 1e-3  # in place: same tensor, new version
+    assert DynamicCodes.for_map(qmap) is None
+
+
+@pytest.mark.parametrize("column,change", [(COL_OFFSET, lambda t: t + 0.3), (COL_THRESHOLD, lambda t: t * 1.5)])
+def test_verification_rejects_wrong_parameters(column, change):
+    qmap = dynamic_map(True, 8)
+    codes = DynamicCodes.for_map(qmap)
+    table = codes.table.clone()
+    rows = slice(column * LEVELS_CAPACITY, (column + 1) * LEVELS_CAPACITY)
+    table[rows] = change(table[rows])
+    assert verify_encode(codes, qmap)
+    assert not verify_encode(dataclasses.replace(codes, table=table), qmap)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (5, True)])
+def test_triton_encoder_equals_bucketize(device, bits, signed):
+    import triton
+
+    qmap = dynamic_map(signed, bits)
+    codes = DynamicCodes.for_map(qmap, device)
+    midpoints = map_midpoints(qmap)
+    x = probes(qmap, codes)[:30_000] if device == "cpu" else probes(qmap, codes)  # the interpreter is slow
+    out = torch.full(x.shape, -1, dtype=torch.int32, device=device)
+    block = 1024
+    _encode_kernel[(triton.cdiv(x.numel(), block),)](x.to(device), out, x.numel(), codes.table,
+                                                    midpoints.to(device), bits, signed, block)
+    assert torch.equal(out.cpu().long(), torch.bucketize(x, midpoints))
+
+
+def test_update_kernel_computes_codes_only_for_large_dynamic_maps():
+    pytest.importorskip("triton")
+    from effllm.kernels._optim_update_triton import _map_args
+
+    placeholder = torch.zeros(1, dtype=torch.int64)
+    device = torch.device("cpu")
+    computed = {name: _map_args(qmap, device, placeholder)[1]["COMPUTED"] for name, qmap in {
+        "dynamic-8": dynamic_map(True, 8), "dynamic-unsigned-8": dynamic_map(False, 8),
+        "dynamic-4": dynamic_map(True, 4), "linear-8": linear_map(True, 8)}.items()}
+    # A 16-entry map lies in one cache line: searching it costs no more than computing.
+    assert computed == {"dynamic-8": True, "dynamic-unsigned-8": True, "dynamic-4": False, "linear-8": False}
