@@ -1,0 +1,166 @@
+"""Where the GPU optimizer update spends its time: variants of the 8-bit AdamW kernel timed side by side.
+
+Each variant is a copy of ``kernels/_optim_update_triton.py``'s kernel with one part swapped (its jitted helpers
+are re-jitted with other globals) or with other launch settings; every variant is also run once on a smaller
+parameter and compared bit for bit with the first (searched) one, so a faster exact variant can be adopted and a
+diagnostic one (marked ``diag``, results not exact by design) says what removing that part would buy.
+
+    python benchmarks/optim_gpu_variants.py               # needs a CUDA device; about 30 s on an H200
+    python benchmarks/optim_gpu_variants.py --numel 64M
+
+Prints a table (ms, share of the bandwidth bound measured in the same run, exact or not). docs/optim.md, "GPU
+kernel", records what it showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import types
+
+import torch
+import triton
+import triton.language as tl
+from effllm.kernels import _optim_update_triton as update
+from effllm.kernels._optim_update_triton import _nearest_code
+from effllm.kernels.optim_update import Hyper, ParamSlot
+from effllm.kernels.quant_maps import dynamic_map
+
+from effllm.bench.optim_gpu import copy_bandwidth, step_bytes
+
+UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+CHECK_NUMEL = 8 << 20
+BYTES_PER_ELEMENT = step_bytes(4, 4, 1, 256)
+
+
+def rejit(function, **globals_override):
+    """A new jitted copy of ``function`` that sees ``globals_override`` instead of its module's globals."""
+    source = function.fn
+    namespace = dict(source.__globals__, **globals_override)
+    copy = types.FunctionType(source.__code__, namespace, source.__name__, source.__defaults__, source.__closure__)
+    copy.__module__, copy.__qualname__ = source.__module__, source.__qualname__
+    copy.__annotations__ = dict(source.__annotations__)  # tl.constexpr parameters are found through these
+    return triton.jit(copy)
+
+
+@triton.jit
+def encode_nothing(x, mid_ptr, n_mid, dynamic_ptr, BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                   COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
+    return (x * 100.0 + 128.0).to(tl.int32) & 255
+
+
+@triton.jit
+def load_without_gather(state_addr, absmax_addr, qmap_ptr, block, block_mask, offs, mask, byte_offs, byte_mask,
+                        BITS: tl.constexpr):
+    code = tl.load(state_addr.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0).to(tl.int32)
+    absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block, mask=block_mask, other=0.0)
+    return code.to(tl.float32) * 0.00390625 * absmax[:, None]
+
+
+@triton.jit
+def store_with_reciprocal(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_ptr, block, block_mask, offs, mask,
+                          byte_offs, byte_mask, BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+                          SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
+    absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)
+    scale = tl.where(absmax > 0, absmax, 1.0)
+    code = _nearest_code(new * (1.0 / scale)[:, None], mid_ptr, n_mid, dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED,
+                         SIGNED)
+    tl.store(state_addr.to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=mask)
+    tl.store(absmax_addr.to(tl.pointer_type(tl.float32)) + block, absmax, mask=block_mask)
+
+
+VARIANTS = {
+    "searched, 2048/program, 8 warps (before)": dict(searched=True, elements=2048, warps=8),
+    "computed, 256/program, 4 warps (now)": dict(),
+    "computed, 512/program, 4 warps": dict(elements=512),
+    "diag: no state-value gathers": dict(load=load_without_gather),
+    "diag: reciprocal instead of division": dict(store=store_with_reciprocal),
+    "diag: no encoding": dict(encode=encode_nothing),
+    "diag: all three": dict(encode=encode_nothing, load=load_without_gather, store=store_with_reciprocal),
+}
+_SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel")
+
+
+def apply(spec: dict) -> dict:
+    """Patch the kernel module for one variant; returns what to restore."""
+    saved = {name: getattr(update, name) for name in _SETTINGS}
+    saved["for_map"] = update.DynamicCodes.__dict__["for_map"]
+    if spec.get("searched"):
+        update.DynamicCodes.for_map = staticmethod(lambda *args, **kwargs: None)
+    if "elements" in spec:
+        update.QUANTIZED_ELEMENTS_PER_PROGRAM = spec["elements"]
+    if "warps" in spec:
+        update.num_warps_for = lambda _elements, warps=spec["warps"]: warps
+        update.QUANTIZED_MIN_WARPS = spec["warps"]
+    if {"encode", "load", "store"} & spec.keys():
+        store = rejit(spec.get("store", update._store_state), _nearest_code=spec.get("encode", update._nearest_code))
+        update._optim_update_kernel = rejit(update._optim_update_kernel, _store_state=store,
+                                            _load_state=spec.get("load", update._load_state))
+    return saved
+
+
+def restore(saved: dict) -> None:
+    update.DynamicCodes.for_map = saved.pop("for_map")
+    for name, value in saved.items():
+        setattr(update, name, value)
+
+
+def make_slot(numel: int, seed: int) -> ParamSlot:
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    blocks = (numel + 255) // 256
+
+    def codes():
+        return torch.randint(0, 256, (numel,), device="cuda", generator=generator, dtype=torch.uint8)
+
+    return ParamSlot(torch.randn(numel, device="cuda", generator=generator),
+                     torch.randn(numel, device="cuda", generator=generator) * 1e-2, codes(), codes(),
+                     torch.rand(blocks, device="cuda", generator=generator) * 0.1,
+                     torch.rand(blocks, device="cuda", generator=generator) * 1e-3)
+
+
+def median_ms(call, warmup: int = 2, timed: int = 10) -> float:
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(timed):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", default="256M", help="elements of the timed parameter (default 256M = 256 * 2**20)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("optim_gpu_variants.py: no CUDA device is visible here; run it on a machine with a GPU")
+    text = args.numel.strip().lower()
+    numel = int(float(text[:-1]) * UNITS[text[-1]]) if text[-1:] in UNITS else int(text)
+    maps = (dynamic_map(True, 8, "cuda"), dynamic_map(False, 8, "cuda"))
+    hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5)
+    bound_ms = BYTES_PER_ELEMENT * numel / copy_bandwidth() * 1e3
+    timed, checked = make_slot(numel, seed=0), make_slot(CHECK_NUMEL, seed=1)
+    reference = None
+    print(f"{'variant':44s} {'ms':>8s} {'of bound':>9s}  exact")
+    for name, spec in VARIANTS.items():
+        saved = apply(spec)
+        try:
+            ms = median_ms(lambda: update.optim_update_many_triton("adamw", [timed], *maps, hyper, 8, 256))
+            slot = ParamSlot(*(tensor.clone() for tensor in vars(checked).values()))
+            update.optim_update_many_triton("adamw", [slot], *maps, hyper, 8, 256)
+            result = [slot.param.view(torch.uint8), slot.state1, slot.state2, slot.absmax1.view(torch.uint8),
+                      slot.absmax2.view(torch.uint8)]
+            reference = reference or result
+            exact = all(torch.equal(a, b) for a, b in zip(result, reference))
+            print(f"{name:44s} {ms:8.3f} {bound_ms / ms:9.1%}  {exact}", flush=True)
+        finally:
+            restore(saved)
+
+
+if __name__ == "__main__":
+    main()
