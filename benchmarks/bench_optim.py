@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="best of N after warm-up (default 5)")
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
     parser.add_argument("--threads", type=int, help="torch (and effllm kernel) threads (default: torch's choice)")
+    parser.add_argument("--cache", choices=optim.CACHE_STATES, default="cold",
+                        help="cold (default): caches flushed before each timed step, as in training; warm: not")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); CUDA figures get their own section")
     parser.add_argument("--json", help="default benchmarks/results/optim.json (optim_cuda.json on CUDA)")
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
@@ -40,12 +42,13 @@ def main() -> None:
     sizes = [parse_size(item) for item in args.sizes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb, device=args.device)
+    rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb, device=args.device, cache=args.cache)
     json_path = args.json or str(REPO / "benchmarks" / "results" / f"{optim.section_name(args.device)}.json")
     command = "python benchmarks/bench_optim.py" + (f" --sizes {args.sizes}" if args.sizes != DEFAULT_SIZES else "")
     command += f" --threads {args.threads}" if args.threads else ""
     command += f" --repeats {args.repeats}" if args.repeats != 5 else ""
     command += f" --device {args.device}" if args.device != "cpu" else ""
+    command += f" --cache {args.cache}" if args.cache != "cold" else ""
     optim.write(rows, json_path, args.markdown, command=command, device=args.device)
 
 

@@ -99,10 +99,12 @@ def _parse_sizes(text: str) -> list[int]:
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Best of N after warm-up.")
 @click.option("--no-bnb", is_flag=True, help="Leave bitsandbytes out.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--cache", type=click.Choice(["cold", "warm"]), default="cold", show_default=True,
+              help="cold: caches flushed before each timed step, as in training; warm: not.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
               help="Write/refresh the optimizer section of this markdown file (e.g. docs/benchmarks.md).")
-def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, json_path: str | None,
+def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str, json_path: str | None,
                 markdown_path: str | None) -> None:
     """Step time and state bytes/param: torch AdamW vs bitsandbytes vs effllm AdamW8bit."""
     parsed = _parse_sizes(sizes)
@@ -116,7 +118,7 @@ def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, json_path: 
         raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
     from effllm.bench import optim
 
-    rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device)
+    rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device, cache=cache)
     optim.write(rows, json_path, markdown_path, device=device)
 
 

@@ -112,3 +112,10 @@ def test_gpu_roofline_bytes_and_verdicts():
     assert "at ≥ 80% of the bandwidth bound: NOT met (50%)" in text
     assert "faster than bitsandbytes: met (3.00× bitsandbytes' speed)" in text
     assert "| torch AdamW (fused), bf16 params | RuntimeError: no |" in text
+
+
+def test_ratio_to_fused_is_the_median_of_ratios_within_rounds():
+    # Round 2 was a busy spell for both; the best times (1.0 and 1.0) come from different rounds.
+    mine, fused = [2.0, 6.0, 1.0, 2.2, None], [1.0, 3.0, 0.4, 1.1, 1.0]
+    assert optim._median_ratio(mine, fused) == 2.0  # ratios 2.0, 2.0, 2.5, 2.0; the sat-out round is skipped
+    assert optim._median_ratio([None], [1.0]) is None
