@@ -5,7 +5,9 @@ data pointers (one row per parameter) and a table of work items (one row per pro
 which first block) replace one launch per tensor. Each program owns ``ROWS`` whole quantization blocks
 (several small blocks per program; one block when blocks are large): it loads and dequantizes the states,
 updates parameter and states in fp32, takes each block's new absmax, requantizes and stores. Nothing on the
-host waits for the device.
+host waits for the device. Requantizing to the 8-bit dynamic maps computes each code (``dynamic_codes``)
+instead of the binary search that serves other maps; with small programs (``QUANTIZED_ELEMENTS_PER_PROGRAM``)
+that made the 8-bit step 3x faster on an H200 (docs/optim.md).
 
 Arithmetic follows the reference operation by operation (IEEE ``div_rn``/``sqrt_rn``, one ``fma`` where
 ``torch.lerp`` uses one, no other contraction), so results match it to the last bit or within an ulp.
