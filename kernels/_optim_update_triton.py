@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -38,7 +39,7 @@ from ._blockwise_triton import (
 from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import num_blocks
 from .dynamic_codes import DynamicCodes
-from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, optim_update_ref
+from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, UpdatePlan, optim_update_ref
 from .packing import packed_numel
 from .quant_maps import map_midpoints
 
@@ -325,6 +326,72 @@ def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torc
     return [table, midpoints, midpoints.numel(), *tables], constexprs
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How the kernel cuts the work: rows of ``rows_len`` elements, ``rows`` of them per program."""
+
+    rows_len: int
+    tile: int
+    rows: int
+    num_warps: int
+
+
+def _layout(bits: int, blocksize: int) -> _Layout:
+    # At 32 bits there are no quantization blocks: rows are just tiles of the flat tensors.
+    rows_len = ELEMENTS_PER_PROGRAM if bits == 32 else blocksize
+    tile = max(tile_for(rows_len), MIN_TILE)
+    # Quantized states: small programs of a few elements per thread keep registers low and many warps resident
+    # (on an H200, 256-element programs of 4 warps ran 3.3x faster than 2048-element ones of 8). 32-bit states
+    # keep the larger programs of the other kernels.
+    if bits == 32:
+        rows = rows_for(tile)
+        return _Layout(rows_len, tile, rows, num_warps_for(rows * tile))
+    rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
+    return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)))
+
+
+def _scalars(h: Hyper) -> dict:
+    return dict(
+        lr=float(h.lr), beta1=float(h.beta1), beta2=float(h.beta2), eps=float(h.eps),
+        weight_decay=float(h.weight_decay), one_minus_beta1=1 - h.beta1, one_minus_beta2=1 - h.beta2,
+        one_minus_dampening=1 - h.dampening, decay_factor=1 - h.lr * h.weight_decay,
+        step_size=h.lr / (1 - h.beta1**h.step) if h.beta1 != 1 else 0.0,
+        bias_correction2_sqrt=(1 - h.beta2**h.step) ** 0.5,
+    )
+
+
+def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, table: torch.Tensor, work: torch.Tensor, maps: tuple,
+            has_states: tuple[bool, bool], p_dtype: torch.dtype, g_dtype: torch.dtype, device: torch.device) -> None:
+    """One launch over the parameters of ``table``; ``maps`` is ``_map_args`` of each state."""
+    (args1, const1), (args2, const2) = maps
+    with on_device(device):
+        _optim_update_kernel[(work.shape[0],)](
+            table, work, *args1, *args2, **_scalars(h), blocksize=layout.rows_len,
+            ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
+            WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
+            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
+            ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
+            COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
+            COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"],
+            num_warps=layout.num_warps, enable_fp_fusion=False,
+        )
+
+
+def _check_arguments(algo: str, bits: int, blocksize: int) -> None:
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown optimizer algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
+    if bits not in STATE_BITS:
+        raise ValueError(f"state bits must be one of {STATE_BITS}, got {bits}")
+    if bits != 32 and blocksize < 1:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+
+
+def _needs_reference(bits: int, blocksize: int) -> bool:
+    # One program holds whole blocks of at most MAX_TILE elements, and two programs must never share a byte of
+    # 4-bit codes. Such unusual layouts take the reference path (same results, slower).
+    return bits != 32 and (blocksize > MAX_TILE or (bits == 4 and blocksize % 2))
+
+
 def optim_update_many_triton(
     algo: str,
     slots: list[ParamSlot],
@@ -335,15 +402,8 @@ def optim_update_many_triton(
     blocksize: int,
 ) -> None:
     """Same contract as ``optim_update.optim_update_many``: one launch per (param dtype, grad dtype)."""
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown optimizer algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
-    if bits not in STATE_BITS:
-        raise ValueError(f"state bits must be one of {STATE_BITS}, got {bits}")
-    if bits != 32 and blocksize < 1:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
-    if bits != 32 and (blocksize > MAX_TILE or (bits == 4 and blocksize % 2)):
-        # One program holds whole blocks of at most MAX_TILE elements, and two programs must never share a
-        # byte of 4-bit codes. Such unusual layouts take the reference path (same results, slower).
+    _check_arguments(algo, bits, blocksize)
+    if _needs_reference(bits, blocksize):
         for s in slots:
             optim_update_ref(algo, s.param, s.grad, s.state1, s.state2, s.absmax1, s.absmax2, qmap1, qmap2, hyper,
                              bits, blocksize)
@@ -353,27 +413,7 @@ def optim_update_many_triton(
         return
     for slot in slots:
         _check_slot(slot, algo, bits, blocksize)
-
-    # At 32 bits there are no quantization blocks: rows are just tiles of the flat tensors.
-    rows_len = ELEMENTS_PER_PROGRAM if bits == 32 else blocksize
-    tile = max(tile_for(rows_len), MIN_TILE)
-    # Quantized states: small programs of a few elements per thread keep registers low and many warps resident
-    # (on an H200, 256-element programs of 4 warps ran 3.3x faster than 2048-element ones of 8). 32-bit states
-    # keep the larger programs of the other kernels.
-    if bits == 32:
-        rows, num_warps = rows_for(tile), num_warps_for(rows_for(tile) * tile)
-    else:
-        rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
-        num_warps = max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile))
-    h = hyper
-    scalars = dict(
-        lr=float(h.lr), beta1=float(h.beta1), beta2=float(h.beta2), eps=float(h.eps),
-        weight_decay=float(h.weight_decay), one_minus_beta1=1 - h.beta1, one_minus_beta2=1 - h.beta2,
-        one_minus_dampening=1 - h.dampening, decay_factor=1 - h.lr * h.weight_decay,
-        step_size=h.lr / (1 - h.beta1**h.step) if h.beta1 != 1 else 0.0,
-        bias_correction2_sqrt=(1 - h.beta2**h.step) ** 0.5,
-    )
-
+    layout = _layout(bits, blocksize)
     buckets: dict[tuple, list[ParamSlot]] = {}
     for slot in slots:
         key = (slot.param.device, slot.param.dtype, slot.grad.dtype, slot.state1 is None, slot.state2 is None)
@@ -383,20 +423,60 @@ def optim_update_many_triton(
         params = [s.param.detach() if s.param.is_contiguous() else s.param.detach().contiguous() for s in bucket]
         grads = [s.grad.contiguous() for s in bucket]
         tensors = [(p, g, s.state1, s.state2, s.absmax1, s.absmax2) for p, g, s in zip(params, grads, bucket)]
-        table, work = _tables(tensors, [p.numel() for p in params], rows_len, rows, device)
-        args1, const1 = _map_args(qmap1 if not no_state1 else None, device, table)
-        args2, const2 = _map_args(qmap2 if not no_state2 else None, device, table)
-        with on_device(device):
-            _optim_update_kernel[(work.shape[0],)](
-                table, work, *args1, *args2, **scalars, blocksize=rows_len,
-                ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=not no_state1, HAS_STATE2=not no_state2,
-                WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
-                P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
-                ROWS=rows, TILE=tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
-                COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
-                COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"],
-                num_warps=num_warps, enable_fp_fusion=False,
-            )
+        table, work = _tables(tensors, [p.numel() for p in params], layout.rows_len, layout.rows, device)
+        maps = (_map_args(qmap1 if not no_state1 else None, device, table),
+                _map_args(qmap2 if not no_state2 else None, device, table))
+        _launch(algo, bits, hyper, layout, table, work, maps, (not no_state1, not no_state2), p_dtype, g_dtype,
+                device)
         for slot, work_copy in zip(bucket, params):
             if work_copy.data_ptr() != slot.param.data_ptr():
                 slot.param.detach().copy_(work_copy)
+
+
+class TritonUpdatePlan(UpdatePlan):
+    """``optim_update_many_triton`` over the same parameters step after step, with the per-parameter work done
+    once: checks, buckets, launch layout, map arguments. Each launch only takes the gradients, whose addresses
+    key the cached pointer tables (``_tables``; a steady loop reuses one upload). Parameters that are not
+    contiguous, gradients that are not, and unusual block layouts take the unplanned path."""
+
+    def __init__(self, algo: str, slots: list[ParamSlot], qmap1, qmap2, bits: int, blocksize: int):
+        super().__init__(algo, slots, qmap1, qmap2, bits, blocksize)
+        _check_arguments(algo, bits, blocksize)
+        live = [(index, slot) for index, slot in enumerate(slots) if slot.param.numel() > 0]
+        self.planned = not _needs_reference(bits, blocksize) and all(
+            slot.param.is_contiguous() and slot.grad.is_contiguous() for _, slot in live)
+        if not self.planned:
+            return
+        for _, slot in live:
+            _check_slot(slot, algo, bits, blocksize)
+        self.layout = _layout(bits, blocksize)
+        self.grad_dtypes = [slot.grad.dtype for slot in slots]
+        # (slot indices, (param dtype, grad dtype, device), map arguments, which states exist)
+        self.buckets: list[tuple[list[int], tuple, tuple, tuple]] = []
+        by_key: dict[tuple, list[int]] = {}
+        for index, slot in live:
+            key = (slot.param.device, slot.param.dtype, slot.grad.dtype, slot.state1 is None, slot.state2 is None)
+            by_key.setdefault(key, []).append(index)
+        for (device, p_dtype, g_dtype, no_state1, no_state2), indices in by_key.items():
+            placeholder = torch.zeros(1, dtype=torch.int64, device=device)
+            maps = (_map_args(qmap1 if not no_state1 else None, device, placeholder),
+                    _map_args(qmap2 if not no_state2 else None, device, placeholder))
+            self.buckets.append((indices, (p_dtype, g_dtype, device), maps, (not no_state1, not no_state2)))
+
+    def accepts_grad(self, index: int, grad: torch.Tensor) -> bool:
+        if not self.planned:
+            return True
+        slot = self.slots[index]
+        return (grad.device == slot.param.device and grad.dtype == self.grad_dtypes[index]
+                and grad.numel() == slot.param.numel() and grad.is_contiguous())
+
+    def launch(self, hyper: Hyper, grads: list[torch.Tensor]) -> None:
+        if not self.planned:
+            return super().launch(hyper, grads)
+        for indices, (p_dtype, g_dtype, device), maps, has_states in self.buckets:
+            slots = [self.slots[index] for index in indices]
+            tensors = [(s.param.detach(), grads[index], s.state1, s.state2, s.absmax1, s.absmax2)
+                       for index, s in zip(indices, slots)]
+            table, work = _tables(tensors, [s.param.numel() for s in slots], self.layout.rows_len, self.layout.rows,
+                                  device)
+            _launch(self.algo, self.bits, hyper, self.layout, table, work, maps, has_states, p_dtype, g_dtype, device)

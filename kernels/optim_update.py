@@ -204,8 +204,13 @@ class UpdatePlan:
 
 def plan_update_many(algo: str, slots: list[ParamSlot], qmap1, qmap2, bits: int, blocksize: int) -> UpdatePlan:
     """An ``UpdatePlan`` for ``slots`` (all on one device, same ``bits``/``blocksize``) on the fastest backend."""
-    if slots and backend_for(slots[0].param) == "cpu":
+    backend = backend_for(slots[0].param) if slots else "torch"
+    if backend == "cpu":
         from ._optim_update_cpu import plan_update_many_cpu
 
         return plan_update_many_cpu(algo, slots, qmap1, qmap2, bits, blocksize)
+    if backend == "triton":
+        from ._optim_update_triton import TritonUpdatePlan
+
+        return TritonUpdatePlan(algo, slots, qmap1, qmap2, bits, blocksize)
     return UpdatePlan(algo, slots, qmap1, qmap2, bits, blocksize)
