@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import _check, num_blocks
+from .dynamic_codes import COMPUTED_MIN_MAP_SIZE, DynamicCodes
 from .quant_maps import map_midpoints
 
 # Largest tile one program holds in registers; longer blocks are walked in tiles of this size.
@@ -84,9 +86,11 @@ def _quantize_blockwise_kernel(
     numel,
     nblocks,
     blocksize,
+    dynamic_ptr,  # the map's DynamicCodes table, read when COMPUTED
     ROWS: tl.constexpr,  # blocks per program
     TILE: tl.constexpr,  # power of two >= blocksize, or MAX_TILE for longer blocks
     SEARCH_STEPS: tl.constexpr,
+    COMPUTED: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,  # codes computed (dynamic maps)
 ):
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_start = block[:, None] * blocksize  # [ROWS, 1]
@@ -109,7 +113,10 @@ def _quantize_blockwise_kernel(
         offs = row_start + in_block
         mask = (in_block < blocksize) & (offs < numel)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        code = nearest_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, SEARCH_STEPS)
+        if COMPUTED:
+            code = dynamic_encode(tl.math.div_rn(x, scale), dynamic_ptr, mid_ptr, BITS, SIGNED)
+        else:
+            code = nearest_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, SEARCH_STEPS)
         tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax, mask=block < nblocks)
 
@@ -160,12 +167,16 @@ def quantize_blockwise_triton(
     if nblocks == 0:
         return codes, absmax
     midpoints = map_midpoints(qmap.to(device=x.device, dtype=torch.float32)).contiguous()
+    dynamic = DynamicCodes.for_map(qmap, x.device) if qmap.numel() >= COMPUTED_MIN_MAP_SIZE else None
     tile = tile_for(blocksize)
     rows = rows_for(tile)
     with on_device(x.device):
         _quantize_blockwise_kernel[(triton.cdiv(nblocks, rows),)](
             flat, codes, absmax, midpoints, midpoints.numel(), numel, nblocks, blocksize,
-            ROWS=rows, TILE=tile, SEARCH_STEPS=search_steps(qmap.numel()), num_warps=num_warps_for(rows * tile),
+            dynamic.table if dynamic is not None else midpoints,
+            ROWS=rows, TILE=tile, SEARCH_STEPS=search_steps(qmap.numel()),
+            COMPUTED=dynamic is not None, BITS=dynamic.bits if dynamic is not None else 0,
+            SIGNED=dynamic is not None and dynamic.signed, num_warps=num_warps_for(rows * tile),
         )
     return codes, absmax
 

@@ -38,7 +38,7 @@ from ._blockwise_triton import (
 )
 from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import num_blocks
-from .dynamic_codes import DynamicCodes
+from .dynamic_codes import COMPUTED_MIN_MAP_SIZE, DynamicCodes
 from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, UpdatePlan, optim_update_ref
 from .packing import packed_numel
 from .quant_maps import map_midpoints
@@ -76,9 +76,6 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 # 512 in 4 warps 3.80, 2048 in 8 warps 7.87 (docs/optim.md).
 QUANTIZED_ELEMENTS_PER_PROGRAM = 256
 QUANTIZED_MIN_WARPS = 4
-# Maps of at least this many entries have their codes computed (``dynamic_codes``) when they can: a smaller map
-# (the 4-bit ones) fits in one 128-byte cache line, where a gather costs no more than the arithmetic.
-COMPUTED_MIN_MAP_SIZE = 33
 # Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
 TABLE_CACHE_SIZE = 64
 

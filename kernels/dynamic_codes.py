@@ -31,6 +31,9 @@ LEVELS_CAPACITY = MAX_BITS - 1
 COL_THRESHOLD, COL_SLOPE, COL_OFFSET = 0, 1, 2
 TABLE_SIZE = 3 * LEVELS_CAPACITY
 _CACHED = 32
+# Kernels compute codes for maps of at least this many entries: a smaller map (the 4-bit ones) fits in one
+# 128-byte cache line, where a gather costs no more than the arithmetic.
+COMPUTED_MIN_MAP_SIZE = 33
 
 
 def levels_of(bits: int) -> int:
