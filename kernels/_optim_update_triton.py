@@ -430,6 +430,18 @@ def optim_update_many_triton(
                 slot.param.detach().copy_(work_copy)
 
 
+@dataclass(frozen=True)
+class _PlannedBucket:
+    """One launch of a plan: the slots (by index) that share dtypes, device and which states they keep."""
+
+    indices: list[int]
+    p_dtype: torch.dtype
+    g_dtype: torch.dtype
+    device: torch.device
+    maps: tuple  # _map_args of each state
+    has_states: tuple[bool, bool]
+
+
 class TritonUpdatePlan(UpdatePlan):
     """``optim_update_many_triton`` over the same parameters step after step, with the per-parameter work done
     once: checks, buckets, launch layout, map arguments. Each launch only takes the gradients, whose addresses
@@ -448,8 +460,7 @@ class TritonUpdatePlan(UpdatePlan):
             _check_slot(slot, algo, bits, blocksize)
         self.layout = _layout(bits, blocksize)
         self.grad_dtypes = [slot.grad.dtype for slot in slots]
-        # (slot indices, (param dtype, grad dtype, device), map arguments, which states exist)
-        self.buckets: list[tuple[list[int], tuple, tuple, tuple]] = []
+        self.buckets: list[_PlannedBucket] = []
         by_key: dict[tuple, list[int]] = {}
         for index, slot in live:
             key = (slot.param.device, slot.param.dtype, slot.grad.dtype, slot.state1 is None, slot.state2 is None)
@@ -458,7 +469,7 @@ class TritonUpdatePlan(UpdatePlan):
             placeholder = torch.zeros(1, dtype=torch.int64, device=device)
             maps = (_map_args(qmap1 if not no_state1 else None, device, placeholder),
                     _map_args(qmap2 if not no_state2 else None, device, placeholder))
-            self.buckets.append((indices, (p_dtype, g_dtype, device), maps, (not no_state1, not no_state2)))
+            self.buckets.append(_PlannedBucket(indices, p_dtype, g_dtype, device, maps, (not no_state1, not no_state2)))
 
     def accepts_grad(self, index: int, grad: torch.Tensor) -> bool:
         if not self.planned:
@@ -470,10 +481,11 @@ class TritonUpdatePlan(UpdatePlan):
     def launch(self, hyper: Hyper, grads: list[torch.Tensor]) -> None:
         if not self.planned:
             return super().launch(hyper, grads)
-        for indices, (p_dtype, g_dtype, device), maps, has_states in self.buckets:
-            slots = [self.slots[index] for index in indices]
+        for bucket in self.buckets:
+            slots = [self.slots[index] for index in bucket.indices]
             tensors = [(s.param.detach(), grads[index], s.state1, s.state2, s.absmax1, s.absmax2)
-                       for index, s in zip(indices, slots)]
+                       for index, s in zip(bucket.indices, slots)]
             table, work = _tables(tensors, [s.param.numel() for s in slots], self.layout.rows_len, self.layout.rows,
-                                  device)
-            _launch(self.algo, self.bits, hyper, self.layout, table, work, maps, has_states, p_dtype, g_dtype, device)
+                                  bucket.device)
+            _launch(self.algo, self.bits, hyper, self.layout, table, work, bucket.maps, bucket.has_states,
+                    bucket.p_dtype, bucket.g_dtype, bucket.device)
