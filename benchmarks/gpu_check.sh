@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One call's worth of GPU checks on a CUDA machine with PyTorch and Triton but no network (a lent device):
+# the GPU kernel tests (pytest-xdist), the optimizer roofline, the whole-model optimizer steps and the
+# update-kernel variants.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_check_out
+#
+# effllm is used from this checkout without installing it (effllm/ and kernels/ copied to a temporary site).
+# bitsandbytes, for the side-by-side figures, is taken from .gpu/site when present: copy an installed
+# bitsandbytes package there keeping only libbitsandbytes_cuda<NNN>.so for the machine's CUDA and the CPU
+# library (about 4.5 MB; see docs/optim.md, "GPU kernel"). Writes logs, JSON and an updated benchmarks.md
+# under OUT_DIR; copy the JSON files to benchmarks/results/ and benchmarks.md to docs/ to publish them.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT_DIR=${1:-${OUT:-$REPO/gpu_check_out}}
+mkdir -p "$OUT_DIR"
+SITE=$(mktemp -d)
+cp -r "$REPO/effllm" "$SITE/" && cp -r "$REPO/kernels" "$SITE/effllm/kernels"
+export PYTHONPATH="$SITE:$REPO/.gpu/site" PYTHONUNBUFFERED=1
+cp "$REPO/docs/benchmarks.md" "$OUT_DIR/benchmarks.md"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+cd "$REPO"
+echo "== optimizer roofline"
+timeout 150 python3 benchmarks/bench_optim_gpu.py --json "$OUT_DIR/optim_gpu.json" --markdown "$OUT_DIR/benchmarks.md" \
+    > "$OUT_DIR/roofline.log" 2>&1; echo "rc=$?"; head -12 "$OUT_DIR/roofline.log"
+echo "== whole-model optimizer steps"
+timeout 120 python3 benchmarks/bench_optim.py --device cuda --repeats 20 --json "$OUT_DIR/optim_cuda.json" \
+    --markdown "$OUT_DIR/benchmarks.md" > "$OUT_DIR/steps.log" 2>&1; echo "rc=$?"; grep -E "^\| [0-9]|Targets" "$OUT_DIR/steps.log"
+echo "== update-kernel variants"
+timeout 120 python3 benchmarks/optim_gpu_variants.py > "$OUT_DIR/variants.log" 2>&1; echo "rc=$?"; tail -8 "$OUT_DIR/variants.log"
+echo "== GPU tests"
+cd "$SITE" && timeout 240 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/optim" -k cuda -n 12 -q -p no:cacheprovider \
+    --continue-on-collection-errors -o addopts="" -m "not slow" > "$OUT_DIR/tests.log" 2>&1; echo "rc=$?"; tail -4 "$OUT_DIR/tests.log"
