@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     sizes = [parse_size(item) for item in args.sizes.split(",")]
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_optim.py: --device cuda, but no CUDA device is visible here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb, device=args.device, cache=args.cache)
