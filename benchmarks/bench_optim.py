@@ -40,7 +40,11 @@ def main() -> None:
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     sizes = [parse_size(item) for item in args.sizes.split(",")]
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        raise SystemExit(f"bench_optim.py: --device {args.device!r} is not a torch device; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_optim.py: --device cuda, but no CUDA device is visible here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,17 +16,13 @@ from pathlib import Path
 from effllm.bench import optim_gpu
 
 REPO = Path(__file__).resolve().parents[1]
-UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_numel(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * UNITS[text[-1]]) if text[-1:] in UNITS else int(text)
+DEFAULT_NUMEL = "256M"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--numel", default="256M", help="elements of the parameter (default 256M = 256 * 2**20)")
+    parser.add_argument("--numel", default=DEFAULT_NUMEL, type=optim_gpu.parse_numel,
+                        help="elements of the parameter (default 256M = 256 * 2**20)")
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "optim_gpu.json"))
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
@@ -35,8 +31,9 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_optim_gpu.py: no CUDA device is visible here; run it on a machine with a GPU")
-    result = optim_gpu.run(parse_numel(args.numel), include_bnb=not args.no_bnb)
-    command = "python benchmarks/bench_optim_gpu.py" + (f" --numel {args.numel}" if args.numel != "256M" else "")
+    result = optim_gpu.run(args.numel, include_bnb=not args.no_bnb)
+    default = optim_gpu.parse_numel(DEFAULT_NUMEL)
+    command = "python benchmarks/bench_optim_gpu.py" + (f" --numel {args.numel}" if args.numel != default else "")
     optim_gpu.write(result, args.json, args.markdown, command)
 
 

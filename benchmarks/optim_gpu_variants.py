@@ -15,7 +15,6 @@ kernel", records what it showed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import types
 
 import torch
@@ -26,9 +25,8 @@ from effllm.kernels._optim_update_triton import _nearest_code
 from effllm.kernels.optim_update import Hyper, ParamSlot
 from effllm.kernels.quant_maps import dynamic_map
 
-from effllm.bench.optim_gpu import copy_bandwidth, step_bytes
+from effllm.bench.optim_gpu import copy_bandwidth, median_ms, parse_numel, step_bytes
 
-UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 CHECK_NUMEL = 8 << 20
 BYTES_PER_ELEMENT = step_bytes(4, 4, 1, 256)
 
@@ -118,29 +116,14 @@ def make_slot(numel: int, seed: int) -> ParamSlot:
                      torch.rand(blocks, device="cuda", generator=generator) * 1e-3)
 
 
-def median_ms(call, warmup: int = 2, timed: int = 10) -> float:
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(timed):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--numel", default="256M", help="elements of the timed parameter (default 256M = 256 * 2**20)")
+    parser.add_argument("--numel", default="256M", type=parse_numel,
+                        help="elements of the timed parameter (default 256M = 256 * 2**20)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("optim_gpu_variants.py: no CUDA device is visible here; run it on a machine with a GPU")
-    text = args.numel.strip().lower()
-    numel = int(float(text[:-1]) * UNITS[text[-1]]) if text[-1:] in UNITS else int(text)
+    numel = args.numel
     maps = (dynamic_map(True, 8, "cuda"), dynamic_map(False, 8, "cuda"))
     hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5)
     bound_ms = BYTES_PER_ELEMENT * numel / copy_bandwidth() * 1e3
@@ -150,7 +133,8 @@ def main() -> None:
     for name, spec in VARIANTS.items():
         saved = apply(spec)
         try:
-            ms = median_ms(lambda: update.optim_update_many_triton("adamw", [timed], *maps, hyper, 8, 256))
+            ms = median_ms(lambda: update.optim_update_many_triton("adamw", [timed], *maps, hyper, 8, 256),
+                           warmup=2, timed=10)
             slot = ParamSlot(*(tensor.clone() for tensor in vars(checked).values()))
             update.optim_update_many_triton("adamw", [slot], *maps, hyper, 8, 256)
             result = [slot.param.view(torch.uint8), slot.state1, slot.state2, slot.absmax1.view(torch.uint8),

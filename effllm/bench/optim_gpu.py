@@ -10,6 +10,7 @@ side, and so are the blockwise quantize and dequantize kernels the 8-bit states 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import statistics
@@ -27,6 +28,21 @@ COPY_BYTES = 2 << 30  # each copy reads and writes 2 GiB
 TARGET_OF_BOUND = 0.8
 EFFLLM_8BIT = "effllm AdamW8bit"
 BNB_8BIT = "bitsandbytes AdamW8bit"
+
+
+NUMEL_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_numel(text: str) -> int:
+    """``256M`` -> 256 * 2**20 (k, M, G are powers of 1024); an argparse ``type``: bad input is a usage error."""
+    cleaned = text.strip().lower()
+    try:
+        numel = int(float(cleaned[:-1]) * NUMEL_UNITS[cleaned[-1]]) if cleaned[-1:] in NUMEL_UNITS else int(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an element count; write e.g. 256M or 1048576") from None
+    if numel <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the element count must be positive")
+    return numel
 
 
 def step_bytes(param_bytes: int, grad_bytes: int, state_bytes: float, blocksize: int | None, states: int = 2) -> float:

@@ -26,3 +26,9 @@ def backend(request, monkeypatch) -> tuple[str, str]:
     name, device = request.param
     monkeypatch.setenv("EFFLLM_KERNEL", name)
     return name, device
+
+
+@pytest.fixture(params=[device for name, device in available_backends() if name == "triton"])
+def triton_device(request) -> str:
+    """Each device Triton kernels run on here: ``cpu`` under the interpreter, ``cuda`` on a GPU."""
+    return request.param

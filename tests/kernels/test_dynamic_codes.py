@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from effllm.kernels import triton_available, triton_interpreting
+from effllm.kernels import triton_available
 from effllm.kernels.dynamic_codes import (
     COL_OFFSET,
     COL_THRESHOLD,
@@ -35,14 +35,6 @@ if triton_available():
 
 DYNAMIC_MAPS = [(bits, signed) for bits in range(2, 9) for signed in (True, False)]
 
-
-def _triton_devices() -> list[str]:
-    devices = []
-    if triton_available() and triton_interpreting():
-        devices.append("cpu")
-    if triton_available() and not triton_interpreting() and torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
 
 
 @pytest.mark.parametrize("bits,signed", DYNAMIC_MAPS)
@@ -80,9 +72,9 @@ def test_verification_rejects_wrong_parameters(column, change):
     assert not verify_encode(dataclasses.replace(codes, table=table), qmap)
 
 
-@pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (5, True)])
-def test_triton_encoder_equals_bucketize(device, bits, signed):
+def test_triton_encoder_equals_bucketize(triton_device, bits, signed):
+    device = triton_device
     import triton
 
     qmap = dynamic_map(signed, bits)

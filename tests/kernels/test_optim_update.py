@@ -18,7 +18,6 @@ import dataclasses
 
 import pytest
 import torch
-from effllm.kernels import triton_available, triton_interpreting
 from effllm.kernels.blockwise import dequantize_blockwise_ref, quantize_blockwise_ref
 from effllm.kernels.optim_update import Hyper, ParamSlot, optim_update_many, optim_update_ref
 from effllm.kernels.packing import pack_bits_ref, unpack_bits_ref
@@ -251,14 +250,6 @@ def test_empty_list_and_empty_parameters(backend):
 # --- the Triton launcher ----------------------------------------------------------------------------------
 
 
-def _triton_devices() -> list[str]:
-    devices = []
-    if triton_available() and triton_interpreting():
-        devices.append("cpu")
-    if triton_available() and not triton_interpreting() and torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
-
 
 class _CountingKernel:
     """Stands in for a @triton.jit kernel and counts launches (``kernel[grid](...)``)."""
@@ -271,8 +262,8 @@ class _CountingKernel:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("device", _triton_devices())
-def test_triton_updates_a_group_in_one_launch_per_dtype(device, monkeypatch):
+def test_triton_updates_a_group_in_one_launch_per_dtype(triton_device, monkeypatch):
+    device = triton_device
     from effllm.kernels import _optim_update_triton
 
     monkeypatch.setenv("EFFLLM_KERNEL", "triton")

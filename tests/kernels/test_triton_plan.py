@@ -6,23 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
-from effllm.kernels import triton_available, triton_interpreting
 from effllm.kernels.optim_update import Hyper, ParamSlot, optim_update_many, plan_update_many
 from effllm.kernels.quant_maps import dynamic_map
-
-
-def _triton_devices() -> list[str]:
-    devices = []
-    if triton_available() and triton_interpreting():
-        devices.append("cpu")
-    if triton_available() and not triton_interpreting() and torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
-
-
-pytestmark = pytest.mark.parametrize("device", _triton_devices())
 
 
 def _slots(device: str, shapes=((300,), (4097,), (3, 5)), dtypes=(torch.float32, torch.bfloat16, torch.float32)):
@@ -50,7 +36,8 @@ def _grads(slots, step: int):
     return [torch.randn(s.param.shape, generator=generator).to(s.param.device, s.grad.dtype) for s in slots]
 
 
-def test_plan_matches_unplanned_launches_with_new_gradients(device, monkeypatch):
+def test_plan_matches_unplanned_launches_with_new_gradients(triton_device, monkeypatch):
+    device = triton_device
     monkeypatch.setenv("EFFLLM_KERNEL", "triton")
     maps = (dynamic_map(True, 8, device), dynamic_map(False, 8, device))
     planned, unplanned = _slots(device), _slots(device)
@@ -68,7 +55,8 @@ def test_plan_matches_unplanned_launches_with_new_gradients(device, monkeypatch)
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_plan_refuses_gradients_it_cannot_take(device, monkeypatch):
+def test_plan_refuses_gradients_it_cannot_take(triton_device, monkeypatch):
+    device = triton_device
     monkeypatch.setenv("EFFLLM_KERNEL", "triton")
     slots = _slots(device)
     plan = plan_update_many("adamw", slots, dynamic_map(True, 8, device), dynamic_map(False, 8, device), 8, 256)
@@ -79,7 +67,8 @@ def test_plan_refuses_gradients_it_cannot_take(device, monkeypatch):
     assert not plan.accepts_grad(2, torch.randn(5, 3, device=device).t())  # not contiguous
 
 
-def test_non_contiguous_tensors_take_the_unplanned_path(device, monkeypatch):
+def test_non_contiguous_tensors_take_the_unplanned_path(triton_device, monkeypatch):
+    device = triton_device
     monkeypatch.setenv("EFFLLM_KERNEL", "triton")
     maps = (dynamic_map(True, 8, device), dynamic_map(False, 8, device))
     slots = _slots(device)
