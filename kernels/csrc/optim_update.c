@@ -33,7 +33,12 @@ enum { ALGO_ADAM = 0, ALGO_ADAMW = 1, ALGO_LION = 2, ALGO_SGD = 3, ALGO_RMSPROP 
 #define CACHE_LINE 64
 #define PREFETCH_READ 0
 #define PREFETCH_TO_L2 1 /* __builtin_prefetch locality 1: prefetcht2 (L2, not L1) */
-#define UNITS_PER_CHUNK 16 /* units a thread takes at a time */
+/* Units a thread takes at a time: about CHUNKS_PER_THREAD chunks per thread, between 16 and 256 units. Large
+ * chunks are faster (2 threads, 8-bit AdamW: 5-15% at 1M-64M parameters with 256 units rather than 16);
+ * enough chunks per thread keep the threads busy to the end when one of them is held back. */
+#define UNITS_PER_CHUNK_MIN 16
+#define UNITS_PER_CHUNK_MAX 256
+#define CHUNKS_PER_THREAD 8
 
 /* Must match the ParamSlot structure in kernels/_cpu_abi.py. */
 typedef struct {
@@ -491,6 +496,9 @@ int effllm_optim_update(int32_t algo, int32_t bits, int64_t blocksize, int32_t n
         units_before[i + 1] = units_before[i] + (slots[i].numel + unit_size - 1) / unit_size;
     const int64_t total_units = units_before[num_slots];
 
+    int64_t chunk = total_units / ((int64_t)num_threads * CHUNKS_PER_THREAD);
+    chunk = chunk < UNITS_PER_CHUNK_MIN ? UNITS_PER_CHUNK_MIN : chunk > UNITS_PER_CHUNK_MAX ? UNITS_PER_CHUNK_MAX : chunk;
+
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
@@ -503,7 +511,7 @@ int effllm_optim_update(int32_t algo, int32_t bits, int64_t blocksize, int32_t n
         int64_t slot = 0;
         /* Dynamic chunks: a thread that the OS holds back (other processes, a busy core) does less of the
          * work instead of making the others wait for it. */
-#pragma omp for schedule(dynamic, UNITS_PER_CHUNK)
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t unit = 0; unit < total_units; unit++) {
             if (failed) continue;
             if (unit < units_before[slot] || unit >= units_before[slot + 1])
