@@ -73,6 +73,7 @@ class Hyper(ctypes.Structure):
         ("has_weight_decay", ctypes.c_int32),
         ("first_step", ctypes.c_int32),
         ("nesterov", ctypes.c_int32),
+        ("maximize", ctypes.c_int32),
     ]
 
 

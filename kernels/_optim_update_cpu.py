@@ -53,6 +53,7 @@ def hyper_struct(hyper) -> Hyper:
         has_weight_decay=bool(h.weight_decay),
         first_step=h.step == 1,
         nesterov=bool(h.nesterov),
+        maximize=bool(h.maximize),
     )
 
 

@@ -164,7 +164,7 @@ def _optim_update_kernel(
     blocksize,
     ALGO: tl.constexpr, BITS: tl.constexpr,
     HAS_STATE1: tl.constexpr, HAS_STATE2: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH1: tl.constexpr, SEARCH2: tl.constexpr,
     COMPUTED1: tl.constexpr, SIGNED1: tl.constexpr, COMPUTED2: tl.constexpr, SIGNED2: tl.constexpr,
@@ -188,6 +188,8 @@ def _optim_update_kernel(
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     finite = tl.abs(g) < INF  # false for NaN and +-Inf: those elements keep param and state
     g = tl.where(finite, g, 0.0)
+    if MAXIMIZE:
+        g = -g
     p = p_old
     if HAS_STATE1:
         m_old = _load_state(tl.load(row + COL_STATE1), tl.load(row + COL_ABSMAX1), qmap1_ptr,
@@ -366,7 +368,7 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, table: torch.Tensor
             table, work, *args1, *args2, **_scalars(h), blocksize=layout.rows_len,
             ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
             WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
-            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
+            MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
             ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
             COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
             COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"],

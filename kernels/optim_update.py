@@ -41,7 +41,8 @@ STATE_BITS = (32, 8, 4)
 @dataclass(frozen=True)
 class Hyper:
     """The scalars of one update. ``step`` counts from 1. ``beta1`` is SGD's momentum and ``beta2``
-    RMSprop's alpha. ``dampening`` and ``nesterov`` are SGD's."""
+    RMSprop's alpha. ``dampening`` and ``nesterov`` are SGD's. ``maximize`` steps along the gradient
+    instead of against it (torch.optim's ``maximize=True``: the update sees ``-grad``)."""
 
     lr: float
     beta1: float = 0.9
@@ -51,6 +52,7 @@ class Hyper:
     step: int = 1
     dampening: float = 0.0
     nesterov: bool = False
+    maximize: bool = False
 
 
 def _dequantize_state(state, absmax, qmap, bits, blocksize, numel):
@@ -101,6 +103,8 @@ def optim_update_ref(
     finite = torch.isfinite(g)
     g = torch.where(finite, g, torch.zeros_like(g))
     h = hyper
+    if h.maximize:
+        g = -g
     m_old = _dequantize_state(state1, absmax1, qmap1, bits, blocksize, numel) if state1 is not None else None
     v_old = _dequantize_state(state2, absmax2, qmap2, bits, blocksize, numel) if state2 is not None else None
     m = v = None

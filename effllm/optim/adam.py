@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from effllm.kernels.optim_update import Hyper
 
-from .blockwise_optimizer import BlockwiseOptimizer
+from .blockwise_optimizer import BlockwiseOptimizer, reject_unsupported_torch_options
 
 
 def _check_betas(betas, eps):
@@ -20,6 +20,10 @@ def _check_betas(betas, eps):
 
 
 class Adam8bit(BlockwiseOptimizer):
+    """``torch.optim.Adam``'s arguments, plus the state layout (``state_bits``, ``min_8bit_size``, ``blocksize``).
+    ``maximize`` and ``decoupled_weight_decay`` work as in torch; ``foreach`` and ``fused`` are accepted and
+    ignored (there is one fused kernel); ``amsgrad``, ``capturable`` and ``differentiable`` must be False."""
+
     algorithm = "adam"
 
     def __init__(
@@ -29,20 +33,33 @@ class Adam8bit(BlockwiseOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         state_bits: int = 8,
         min_8bit_size: int = 4096,
         blocksize: int | None = None,
     ):
         _check_betas(betas, eps)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_bits=state_bits,
+        reject_unsupported_torch_options(type(self).__name__, amsgrad=amsgrad, capturable=capturable,
+                                         differentiable=differentiable)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay, state_bits=state_bits,
                         min_8bit_size=min_8bit_size, blocksize=blocksize)
         super().__init__(params, defaults)
+
+    def algorithm_for(self, group: dict) -> str:
+        return "adamw" if group.get("decoupled_weight_decay") else self.algorithm
 
     def hyper(self, group: dict, step: int) -> Hyper:
         beta1, beta2 = group["betas"]
         return Hyper(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                     weight_decay=group["weight_decay"], step=step)
+                     weight_decay=group["weight_decay"], step=step, maximize=bool(group.get("maximize")))
 
 
 class AdamW8bit(Adam8bit):

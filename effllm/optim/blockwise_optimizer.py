@@ -39,6 +39,21 @@ def _check_group_options(options: dict) -> None:
         raise ValueError(f"invalid weight_decay {options['weight_decay']}: it must be >= 0")
 
 
+def reject_unsupported_torch_options(optimizer: str, *, amsgrad: bool = False, capturable: bool = False,
+                                     differentiable: bool = False) -> None:
+    """torch.optim's arguments carry over unchanged: ``foreach`` and ``fused`` only choose torch's implementation
+    (effllm always runs its one fused kernel) and are accepted and ignored by the subclasses; these three ask
+    for behaviour the quantized states cannot give, so a true value is a clear error rather than ignored."""
+    unsupported = {
+        "amsgrad": (amsgrad, "it keeps a third state (the running maximum of the second moment)"),
+        "capturable": (capturable, "steps are not captured in CUDA graphs"),
+        "differentiable": (differentiable, "the fused update is not differentiable"),
+    }
+    for name, (value, why) in unsupported.items():
+        if value:
+            raise ValueError(f"{optimizer} does not support {name}=True ({why}); pass {name}=False")
+
+
 class BlockwiseOptimizer(Optimizer):
     """Base class. Group options shared by all subclasses:
 
@@ -81,7 +96,11 @@ class BlockwiseOptimizer(Optimizer):
 
     def has_state(self, group: dict) -> tuple[bool, bool]:
         """Which of (first moment, second moment) this group keeps."""
-        return STATES[self.algorithm]
+        return STATES[self.algorithm_for(group)]
+
+    def algorithm_for(self, group: dict) -> str:
+        """The update this group runs (a key of ``ALGORITHMS``)."""
+        return self.algorithm
 
     # --- state layout -------------------------------------------------------------------------------
     def _layout(self, param: torch.Tensor, group: dict) -> tuple[int, int]:
@@ -137,7 +156,8 @@ class BlockwiseOptimizer(Optimizer):
         launched = []  # buckets launched: their step counters are incremented at once below
         for index, group in enumerate(self.param_groups):
             plan = self._plans.get(index)
-            grads = plan.gradients(group, self.state) if plan is not None else None
+            current = plan is not None and plan.algorithm == self.algorithm_for(group)
+            grads = plan.gradients(group, self.state) if current else None
             if grads is None:
                 plan = self._plans[index] = self._plan_group(group)
                 grads = plan.gradients(group, self.state)
@@ -170,8 +190,9 @@ class BlockwiseOptimizer(Optimizer):
             entries.append(plan_entry(param, grad, state, bucket, len(slots) - 1))
         for (device, bits, blocksize, _), (slots, bucket) in buckets.items():
             qmap1, qmap2 = self._maps_for(bits, device)
-            bucket.launch_plan = plan_update_many(self.algorithm, slots, qmap1, qmap2, bits, blocksize)
-        return GroupPlan(group, entries, [bucket for _, bucket in buckets.values()])
+            bucket.launch_plan = plan_update_many(self.algorithm_for(group), slots, qmap1, qmap2, bits,
+                                                  blocksize)
+        return GroupPlan(group, entries, [bucket for _, bucket in buckets.values()], self.algorithm_for(group))
 
     # --- state_dict ---------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

@@ -17,17 +17,18 @@ class Lion8bit(BlockwiseOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
+        maximize: bool = False,
         state_bits: int = 8,
         min_8bit_size: int = 4096,
         blocksize: int | None = None,
     ):
         if not (0.0 <= betas[0] <= 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid betas {betas}")
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, state_bits=state_bits,
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, state_bits=state_bits,
                         min_8bit_size=min_8bit_size, blocksize=blocksize)
         super().__init__(params, defaults)
 
     def hyper(self, group: dict, step: int) -> Hyper:
         beta1, beta2 = group["betas"]
         return Hyper(lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                     step=step)
+                     step=step, maximize=bool(group.get("maximize")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from effllm.kernels.optim_update import Hyper
 
-from .blockwise_optimizer import BlockwiseOptimizer
+from .blockwise_optimizer import BlockwiseOptimizer, reject_unsupported_torch_options
 
 
 class RMSprop8bit(BlockwiseOptimizer):
@@ -19,6 +19,10 @@ class RMSprop8bit(BlockwiseOptimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
         *,
         state_bits: int = 8,
         min_8bit_size: int = 4096,
@@ -28,11 +32,12 @@ class RMSprop8bit(BlockwiseOptimizer):
             raise ValueError("RMSprop8bit supports momentum=0 and centered=False only; use AdamW8bit for momentum")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"invalid alpha {alpha}: it must be in [0, 1)")
+        reject_unsupported_torch_options(type(self).__name__, capturable=capturable, differentiable=differentiable)
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        centered=centered, state_bits=state_bits, min_8bit_size=min_8bit_size,
+                        centered=centered, maximize=maximize, state_bits=state_bits, min_8bit_size=min_8bit_size,
                         blocksize=blocksize)
         super().__init__(params, defaults)
 
     def hyper(self, group: dict, step: int) -> Hyper:
         return Hyper(lr=float(group["lr"]), beta2=group["alpha"], eps=group["eps"],
-                     weight_decay=group["weight_decay"], step=step)
+                     weight_decay=group["weight_decay"], step=step, maximize=bool(group.get("maximize")))

@@ -72,6 +72,7 @@ class GroupPlan:
     group: dict
     entries: list[Entry]
     buckets: list[Bucket]
+    algorithm: str  # the update the buckets were planned for (a group option may change it)
 
     def gradients(self, group: dict, states) -> dict[int, list[torch.Tensor]] | None:
         """The (local) gradients of each bucket (by ``id``) in slot order, or None when the plan no longer

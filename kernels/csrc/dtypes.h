@@ -16,6 +16,7 @@ enum effllm_dtype { EFFLLM_FLOAT32 = 0, EFFLLM_BFLOAT16 = 1, EFFLLM_FLOAT16 = 2 
 #define BF16_SHIFT 16
 #define BF16_QUIET_NAN 0x7FC0u /* what torch writes for any NaN */
 #define FP32_ABS_MASK 0x7FFFFFFFu
+#define FP32_SIGN_MASK 0x80000000u
 #define FP32_INF_BITS 0x7F800000u
 
 static inline uint32_t float_bits(float x) {

@@ -67,6 +67,7 @@ typedef struct {
     int32_t has_weight_decay;
     int32_t first_step;          /* sgd: the momentum buffer starts as the gradient */
     int32_t nesterov;
+    int32_t maximize;            /* step along +grad (torch.optim's maximize=True) */
 } effllm_hyper;
 
 /* torch.lerp(start, end, weight) as torch's vectorised CPU kernel computes it: one fused multiply-add from
@@ -144,8 +145,9 @@ INLINE void update_elements(int64_t n, float *restrict p, const float *restrict 
                             const int option2, const int has_m, const int has_v, const int coded,
                             float *restrict new_absmax) {
     uint32_t largest_m = 0, largest_v = 0; /* magnitudes compared as integers: NaN above Inf, as torch's amax */
+    const uint32_t negate = h->maximize ? FP32_SIGN_MASK : 0u; /* maximize: the update sees -grad */
     for (int64_t i = 0; i < n; i++) {
-        const float grad = g[i];
+        const float grad = bits_float(float_bits(g[i]) ^ negate);
         element old = {p[i], 0.0f, 0.0f};
         if (has_m) old.m = coded ? m_map[m_codes[i]] * m_absmax : m[i];
         if (has_v) old.v = coded ? v_map[v_codes[i]] * v_absmax : v[i];
@@ -248,6 +250,7 @@ INLINE int64_t adam_coded_avx2(int64_t n, float *restrict p, const float *restri
     const __m256 beta2 = _mm256_set1_ps(h->beta2), one_minus_beta2 = _mm256_set1_ps(h->one_minus_beta2);
     const __m256 correction2 = _mm256_set1_ps(h->bias_correction2_sqrt), eps = _mm256_set1_ps(h->eps);
     const __m256 step_size = _mm256_set1_ps(h->step_size);
+    const __m256 negate = _mm256_set1_ps(h->maximize ? -0.0f : 0.0f); /* maximize: the sign bit of every grad flipped */
     const __m256i magnitude_mask = _mm256_set1_epi32((int)FP32_ABS_MASK);
     __m256i largest_m = _mm256_setzero_si256(), largest_v = largest_m;
     const int64_t whole = n / AVX2_FLOATS * AVX2_FLOATS;
@@ -264,7 +267,7 @@ INLINE int64_t adam_coded_avx2(int64_t n, float *restrict p, const float *restri
     __m256 param_2, new_m_2, denom_2; /* two groups before: waits for stage 3 */
 #define ADAM_STAGE1(i)                                                                                         \
     do {                                                                                                       \
-        __m256 grad = _mm256_loadu_ps(g + (i));                                                                \
+        __m256 grad = _mm256_xor_ps(_mm256_loadu_ps(g + (i)), negate);                                         \
         const __m256 old_p = _mm256_loadu_ps(p + (i));                                                         \
         const __m256 old_m = small_codes ? lookup8_small(m_low, m_high, m_codes + (i))                         \
                                          : _mm256_mul_ps(lookup8(m_map, m_codes + (i)), absmax1);              \

@@ -40,6 +40,10 @@ CASES = {
     "sgd_nesterov": ("sgd", Hyper(lr=1e-2, beta1=0.9, nesterov=True), True),
     "sgd_plain": ("sgd", Hyper(lr=1e-2, weight_decay=0.01), False),
     "rmsprop": ("rmsprop", Hyper(lr=1e-3, beta2=0.99, eps=1e-8, weight_decay=0.01), True),
+    # maximize: the gradient's sign flips before L2 decay joins it (Adam, SGD), as in torch.optim
+    "adam_maximize": ("adam", Hyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=True),
+                      True),
+    "sgd_maximize": ("sgd", Hyper(lr=1e-2, beta1=0.9, weight_decay=0.01, maximize=True), True),
 }
 KEEPS = {"adam": (True, True), "adamw": (True, True), "lion": (True, False), "sgd": (True, False),
          "rmsprop": (False, True)}
@@ -322,6 +326,10 @@ ORACLES = {
                   CASES["sgd_plain"][1]),
     "rmsprop": (lambda p: torch.optim.RMSprop([p], lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.01,
                                               foreach=False), CASES["rmsprop"][1]),
+    "adam_maximize": (lambda p: torch.optim.Adam([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                                                 maximize=True, foreach=False), CASES["adam_maximize"][1]),
+    "sgd_maximize": (lambda p: torch.optim.SGD([p], lr=1e-2, momentum=0.9, weight_decay=0.01, maximize=True,
+                                               foreach=False), CASES["sgd_maximize"][1]),
 }
 
 
