@@ -67,6 +67,12 @@ def store_with_reciprocal(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_
     tl.store(absmax_addr.to(tl.pointer_type(tl.float32)) + block, absmax, mask=block_mask)
 
 
+@triton.jit
+def work_from_program_id(table_ptr, work_ptr, ROWS: tl.constexpr):
+    """Block ``program_id * ROWS`` of the first parameter: no work-table load (exact for one parameter)."""
+    return table_ptr, tl.program_id(0).to(tl.int64) * ROWS
+
+
 VARIANTS = {
     "searched, 2048/program, 8 warps (before)": dict(searched=True, elements=2048, warps=8),
     "computed, 256/program, 4 warps (now)": dict(),
@@ -75,6 +81,8 @@ VARIANTS = {
     "diag: reciprocal instead of division": dict(store=store_with_reciprocal),
     "diag: no encoding": dict(encode=encode_nothing),
     "diag: all three": dict(encode=encode_nothing, load=load_without_gather, store=store_with_reciprocal),
+    # The work table is read before anything else: what does that dependent load cost a program?
+    "diag: no work-table load (one parameter)": dict(work=work_from_program_id),
 }
 _SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel")
 
@@ -90,10 +98,11 @@ def apply(spec: dict) -> dict:
     if "warps" in spec:
         update.num_warps_for = lambda _elements, warps=spec["warps"]: warps
         update.QUANTIZED_MIN_WARPS = spec["warps"]
-    if {"encode", "load", "store"} & spec.keys():
+    if {"encode", "load", "store", "work"} & spec.keys():
         store = rejit(spec.get("store", update._store_state), _nearest_code=spec.get("encode", update._nearest_code))
         update._optim_update_kernel = rejit(update._optim_update_kernel, _store_state=store,
-                                            _load_state=spec.get("load", update._load_state))
+                                            _load_state=spec.get("load", update._load_state),
+                                            _work_item=spec.get("work", update._work_item))
     return saved
 
 

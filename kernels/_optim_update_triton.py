@@ -150,6 +150,13 @@ def _store_state(
 
 
 @triton.jit
+def _work_item(table_ptr, work_ptr, ROWS: tl.constexpr):
+    """This program's parameter (the address of its row in the pointer table) and first block."""
+    work = work_ptr + tl.program_id(0) * WORK_COLS
+    return table_ptr + tl.load(work) * TABLE_COLS, tl.load(work + 1)
+
+
+@triton.jit
 def _optim_update_kernel(
     table_ptr,  # int64 [nparams, TABLE_COLS]
     work_ptr,  # int64 [nprograms, WORK_COLS]
@@ -169,10 +176,9 @@ def _optim_update_kernel(
     ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH1: tl.constexpr, SEARCH2: tl.constexpr,
     COMPUTED1: tl.constexpr, SIGNED1: tl.constexpr, COMPUTED2: tl.constexpr, SIGNED2: tl.constexpr,
 ):
-    work = work_ptr + tl.program_id(0) * WORK_COLS
-    row = table_ptr + tl.load(work) * TABLE_COLS
+    row, first_block = _work_item(table_ptr, work_ptr, ROWS)
     numel = tl.load(row + COL_NUMEL)
-    block = tl.load(work + 1) + tl.arange(0, ROWS)  # [ROWS]
+    block = first_block + tl.arange(0, ROWS)  # [ROWS]
     block_mask = block * blocksize < numel
     block_start = block[:, None] * blocksize  # [ROWS, 1]
     lanes = tl.arange(0, TILE)[None, :]  # [1, TILE]
