@@ -68,6 +68,18 @@ def store_with_reciprocal(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_
 
 
 @triton.jit
+def store_without_reduction(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_ptr, block, block_mask, offs,
+                            mask, byte_offs, byte_mask, BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+                            SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
+    """Requantizes against the block's old absmax: no cross-warp maximum (and its barrier) per state."""
+    absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block, mask=block_mask, other=1.0)
+    scale = tl.where(absmax > 0, absmax, 1.0)
+    code = _nearest_code(tl.minimum(tl.maximum(tl.math.div_rn(new, scale[:, None]), -1.0), 1.0), mid_ptr, n_mid,
+                         dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
+    tl.store(state_addr.to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
 def work_from_program_id(table_ptr, work_ptr, ROWS: tl.constexpr):
     """Block ``program_id * ROWS`` of the first parameter: no work-table load (exact for one parameter)."""
     return table_ptr, tl.program_id(0).to(tl.int64) * ROWS
@@ -83,6 +95,7 @@ VARIANTS = {
     "diag: all three": dict(encode=encode_nothing, load=load_without_gather, store=store_with_reciprocal),
     # The work table is read before anything else: what does that dependent load cost a program?
     "diag: no work-table load (one parameter)": dict(work=work_from_program_id),
+    "diag: no absmax reductions": dict(store=store_without_reduction),
 }
 _SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel")
 
