@@ -37,6 +37,19 @@ def _options(cls) -> dict:
     return dict(lr=1e-2, weight_decay=0.05) if cls is not Lion8bit else dict(lr=1e-3, weight_decay=0.05)
 
 
+def _step_side_by_side(first, second, steps: int, negate_second: bool = False, before_step=None) -> None:
+    """Steps two (optimizer, parameters) pairs with the same gradients (the second's negated if asked);
+    ``before_step(step)`` runs before each step."""
+    (optimizer_a, params_a), (optimizer_b, params_b) = first, second
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        for a, b, grad in zip(params_a, params_b, _gradients(params_a, seed=step)):
+            a.grad, b.grad = grad, (-grad if negate_second else grad.clone())
+        optimizer_a.step()
+        optimizer_b.step()
+
+
 @pytest.mark.parametrize("cls", list(REPLACES), ids=lambda cls: cls.__name__)
 def test_every_torch_keyword_is_accepted_with_its_default(cls):
     torch_cls = REPLACES[cls]
@@ -49,11 +62,12 @@ def test_every_torch_keyword_is_accepted_with_its_default(cls):
     optimizer.step()
 
 
-@pytest.mark.parametrize("cls", list(REPLACES), ids=lambda cls: cls.__name__)
-@pytest.mark.parametrize("switch", ["foreach", "fused"])
+SWITCHES = [(cls, switch) for cls in REPLACES for switch in ("foreach", "fused")
+            if switch in inspect.signature(REPLACES[cls].__init__).parameters]  # torch's RMSprop has no fused
+
+
+@pytest.mark.parametrize("cls,switch", SWITCHES, ids=[f"{cls.__name__}-{switch}" for cls, switch in SWITCHES])
 def test_implementation_switches_are_accepted(cls, switch):
-    if switch not in inspect.signature(REPLACES[cls].__init__).parameters:
-        pytest.skip(f"torch.optim.{REPLACES[cls].__name__} has no {switch}")
     for value in (None, True, False):
         cls(_params(), **{switch: value})
 
@@ -73,11 +87,7 @@ def test_maximize_is_the_same_step_on_the_negated_gradient(cls, state_bits):
     maximizing, minimizing = _params(), _params()
     opt_max = cls(maximizing, maximize=True, state_bits=state_bits, **_options(cls))
     opt_min = cls(minimizing, state_bits=state_bits, **_options(cls))
-    for step in range(3):
-        for p_max, p_min, grad in zip(maximizing, minimizing, _gradients(maximizing, seed=step)):
-            p_max.grad, p_min.grad = grad, -grad
-        opt_max.step()
-        opt_min.step()
+    _step_side_by_side((opt_max, maximizing), (opt_min, minimizing), steps=3, negate_second=True)
     for p_max, p_min in zip(maximizing, minimizing):
         assert torch.equal(p_max, p_min)
         for key, value in opt_max.state[p_max].items():
@@ -91,11 +101,7 @@ def test_maximize_matches_torch_with_32bit_states(cls):
     extra = dict(momentum=0.9) if cls is SGD8bit else {}
     ours = cls(ours_params, maximize=True, state_bits=32, **_options(cls), **extra)
     reference = REPLACES[cls](torch_params, maximize=True, foreach=False, **_options(cls), **extra)
-    for step in range(ORACLE_STEPS):
-        for mine, theirs, grad in zip(ours_params, torch_params, _gradients(ours_params, seed=step)):
-            mine.grad, theirs.grad = grad, grad.clone()
-        ours.step()
-        reference.step()
+    _step_side_by_side((ours, ours_params), (reference, torch_params), steps=ORACLE_STEPS)
     for mine, theirs in zip(ours_params, torch_params):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
 
@@ -105,11 +111,7 @@ def test_adam_with_decoupled_weight_decay_is_adamw(state_bits):
     decoupled, adamw = _params(), _params()
     opt_decoupled = Adam8bit(decoupled, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, state_bits=state_bits)
     opt_adamw = AdamW8bit(adamw, lr=1e-2, weight_decay=0.1, state_bits=state_bits)
-    for step in range(3):
-        for a, b, grad in zip(decoupled, adamw, _gradients(decoupled, seed=step)):
-            a.grad, b.grad = grad, grad.clone()
-        opt_decoupled.step()
-        opt_adamw.step()
+    _step_side_by_side((opt_decoupled, decoupled), (opt_adamw, adamw), steps=3)
     assert all(torch.equal(a, b) for a, b in zip(decoupled, adamw))
 
 
@@ -120,14 +122,13 @@ def test_switching_decoupled_weight_decay_between_steps_takes_effect():
     ours = Adam8bit(ours_params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, state_bits=32)
     reference = torch.optim.Adam(torch_params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True,
                                  foreach=False)
-    for step in range(4):
+
+    def switch_at_step_two(step: int) -> None:
         if step == 2:
             ours.param_groups[0]["decoupled_weight_decay"] = False
             reference.param_groups[0]["decoupled_weight_decay"] = False
-        for mine, theirs, grad in zip(ours_params, torch_params, _gradients(ours_params, seed=step)):
-            mine.grad, theirs.grad = grad, grad.clone()
-        ours.step()
-        reference.step()
+
+    _step_side_by_side((ours, ours_params), (reference, torch_params), steps=4, before_step=switch_at_step_two)
     for mine, theirs in zip(ours_params, torch_params):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
 
