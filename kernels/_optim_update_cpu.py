@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 
 import torch
 
@@ -31,12 +32,15 @@ from .packing import packed_numel
 
 # csrc/optim_update.c: the ALGO_* enum.
 ALGORITHM_CODES = {name: code for code, name in enumerate(("adam", "adamw", "lion", "sgd", "rmsprop"))}
+_CACHED_HYPERS = 16  # a step's buckets, and param groups with other hyper-parameters
 # Below this many elements per thread, waking more threads costs more than it saves.
 MIN_ELEMENTS_PER_THREAD = 1 << 15
 
 
+@functools.lru_cache(maxsize=_CACHED_HYPERS)
 def hyper_struct(hyper) -> Hyper:
-    """The step's scalars as fp32, each computed in Python floats first as the reference computes it."""
+    """The step's scalars as fp32, each computed in Python floats first as the reference computes it. Cached:
+    the buckets of a step share them (the returned structure is read, never written)."""
     h = hyper
     return Hyper(
         lr=h.lr,

@@ -57,7 +57,7 @@ class Adam8bit(BlockwiseOptimizer):
         return "adamw" if group.get("decoupled_weight_decay") else self.algorithm
 
     def hyper(self, group: dict, step: int) -> Hyper:
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(beta) for beta in group["betas"])  # betas may be tensors, as in torch
         return Hyper(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], step=step, maximize=bool(group.get("maximize")))
 

@@ -29,6 +29,6 @@ class Lion8bit(BlockwiseOptimizer):
         super().__init__(params, defaults)
 
     def hyper(self, group: dict, step: int) -> Hyper:
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(beta) for beta in group["betas"])  # betas may be tensors, as in torch
         return Hyper(lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                      step=step, maximize=bool(group.get("maximize")))

@@ -82,3 +82,24 @@ def test_deepcopied_optimizer_counts_on_its_own():
     _step(optimizer, params, 1)
     assert float(twin.state[twin_params[0]]["step"]) == 3
     assert float(optimizer.state[params[0]]["step"]) == 2
+
+
+def test_step_tensors_of_either_default_dtype_count_as_torch_adds_one():
+    """Counters are float32 (or float64 under torch.set_default_dtype) and are incremented in place, rounding as
+    torch's ``+= 1`` does: past 2**24 a float32 counter stays where it is."""
+    previous = torch.get_default_dtype()
+    try:
+        for dtype in (torch.float64, torch.float32):
+            torch.set_default_dtype(dtype)
+            params = [torch.nn.Parameter(torch.randn(64, 80, dtype=torch.float32))]
+            params[0].grad = torch.ones(64, 80, dtype=torch.float32)
+            optimizer = AdamW8bit(params, lr=1e-2)
+            optimizer.step()
+            counter = optimizer.state[params[0]]["step"]
+            assert counter.dtype == dtype and float(counter) == 1
+            counter.fill_(2.0**24)  # in place: the plan keeps counting through the same memory
+            optimizer.step()
+            assert torch.equal(counter, torch.tensor(2.0**24, dtype=dtype) + 1)
+            assert (float(counter) == 2.0**24) == (dtype == torch.float32)
+    finally:
+        torch.set_default_dtype(previous)
