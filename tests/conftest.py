@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): for tensors
+    of a few thousand elements a second thread adds only synchronisation, and on a busy 2-core machine its
+    spinning made such modules several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """``../shared/corpus`` (train/valid/test.txt); EFFLLM_SHARED overrides where shared/ is."""

@@ -37,6 +37,7 @@ from effllm.optim import Adam8bit, AdamW8bit, Lion8bit, RMSprop8bit, SGD8bit
 
 bnb = pytest.importorskip("bitsandbytes")  # optional dev dependency (installed by the dev extra and CI)
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 50
 # Quantized (two of them odd-sized: a short last block) and one small tensor that keeps fp32 state.
@@ -85,16 +86,6 @@ STATE_BOUND = {"adamw": 0.025, "adam": 0.025, "lion": 0.04, "sgd": 0.025, "rmspr
 # Fraction of identical codes after 50 steps (measured 0.90-0.95 for every pair but RMSprop).
 MIN_CODE_AGREEMENT = 0.8
 SMALL_TENSOR_TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors of a few thousand elements gain nothing from two threads, and on a busy 2-core machine the
-    second thread's spinning made this module several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(make_optimizer):

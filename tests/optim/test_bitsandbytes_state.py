@@ -25,6 +25,7 @@ from effllm.optim import (
 )
 
 bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPES = [(64, 130), (4097,), (100,)]  # two quantized (odd-sized), one below min_8bit_size (fp32 state)
 SMALL = 2
@@ -47,14 +48,6 @@ PAIRS = {
 # Measured: AdamW/Adam 0.0013-0.0016, Lion 0 (its sign updates agree), SGD 0.0011-0.0014, RMSprop 0.012 (its
 # state requantized onto the unsigned map); an effllm optimizer that starts fresh instead is 0.58-1.2 away.
 RESUME_BOUND = {"adamw": 0.01, "adam": 0.01, "lion": 0.01, "sgd": 0.01, "rmsprop": 0.04}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gradients(step: int) -> list[torch.Tensor]:

@@ -20,6 +20,9 @@ from effllm.quant.fake_quant_linear import FakeQuantLinear, quantization_disable
 from effllm.quant.quant_linear import QuantLinear
 from effllm.quant.weight_quant import WeightQuantSpec, dequantize_weight
 
+# These layers are 32 wide: threads only add synchronisation (tens of times slower on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HIDDEN, VOCAB = 32, 64
 OUTLIER_CHANNELS = 2  # per norm, amplified like the massive-activation channels of real LLMs
 OUTLIER_GAIN = 8.0
@@ -48,15 +51,6 @@ def outlier_llama(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
                 picks = torch.randint(0, linear.weight.numel(), (WEIGHT_OUTLIERS,), generator=generator)
                 linear.weight.view(-1)[picks] *= WEIGHT_OUTLIER_GAIN
     return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These layers are 32 wide: threads only add synchronisation (tens of times slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
