@@ -85,6 +85,26 @@ def work_from_program_id(table_ptr, work_ptr, ROWS: tl.constexpr):
     return table_ptr, tl.program_id(0).to(tl.int64) * ROWS
 
 
+@triton.jit
+def work_row_with_pointers(table_ptr, work_ptr, ROWS: tl.constexpr):
+    """The program's work row holds its parameter's pointer row itself, then the first block: one dependent
+    load fewer (see ``tables_with_pointers``)."""
+    row = work_ptr + tl.program_id(0) * (update.TABLE_COLS + 1)
+    return row, tl.load(row + update.TABLE_COLS)
+
+
+_WIDE_WORK: dict[int, torch.Tensor] = {}
+
+
+def tables_with_pointers(tensors, numels, rows_len, rows, device):
+    """``_tables`` with each work row widened to [its parameter's pointer row, first block] (built once)."""
+    table, work = _TABLES(tensors, numels, rows_len, rows, device)
+    if id(work) not in _WIDE_WORK:
+        _WIDE_WORK[id(work)] = torch.cat([table[work[:, 0]], work[:, 1:]], dim=1).contiguous()
+    return table, _WIDE_WORK[id(work)]
+
+
+_TABLES = update._tables
 VARIANTS = {
     "searched, 2048/program, 8 warps (before)": dict(searched=True, elements=2048, warps=8),
     "computed, 256/program, 4 warps (now)": dict(),
@@ -96,8 +116,10 @@ VARIANTS = {
     # The work table is read before anything else: what does that dependent load cost a program?
     "diag: no work-table load (one parameter)": dict(work=work_from_program_id),
     "diag: no absmax reductions": dict(store=store_without_reduction),
+    "computed, 256/program, pointers in work rows": dict(work=work_row_with_pointers, tables=tables_with_pointers),
 }
-_SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel")
+_SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel",
+             "_tables")
 
 
 def apply(spec: dict) -> dict:
@@ -111,6 +133,8 @@ def apply(spec: dict) -> dict:
     if "warps" in spec:
         update.num_warps_for = lambda _elements, warps=spec["warps"]: warps
         update.QUANTIZED_MIN_WARPS = spec["warps"]
+    if "tables" in spec:
+        update._tables = spec["tables"]
     if {"encode", "load", "store", "work"} & spec.keys():
         store = rejit(spec.get("store", update._store_state), _nearest_code=spec.get("encode", update._nearest_code))
         update._optim_update_kernel = rejit(update._optim_update_kernel, _store_state=store,
