@@ -1,7 +1,7 @@
 """Resume with effllm a run that bitsandbytes' 8-bit optimizers started: ``load_bitsandbytes_state_dict``.
 
-bitsandbytes (0.45-0.50) saves, per parameter, an integer ``step`` and its states, nested under
-``__bnb_optimizer_quant_state__`` (flat in older versions): ``state1``/``state2`` as uint8 codes of blocks of
+bitsandbytes (tested with 0.50.2) saves, per parameter, an integer ``step`` and its states, nested under
+``__bnb_optimizer_quant_state__`` (a flat layout is read too): ``state1``/``state2`` as uint8 codes of blocks of
 256 on its dynamic maps ``qmap1``/``qmap2`` with fp32 ``absmax1``/``absmax2``, or as fp32 tensors for
 parameters below ``min_8bit_size``. effllm's 8-bit maps are the same (bitsandbytes' entries differ by at most
 one float32 ulp), so codes carry over untouched where effllm keeps the state in the same layout. Anywhere else
