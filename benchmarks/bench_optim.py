@@ -1,8 +1,9 @@
 """Optimizer step time and state bytes per parameter: torch AdamW (foreach, fused), bitsandbytes AdamW8bit and
 effllm AdamW8bit (and its 4- and 32-bit states), measured side by side in one run.
 
-    python benchmarks/bench_optim.py                     # 1M..100M parameters, a few minutes on a 2-core CPU
+    python benchmarks/bench_optim.py                     # 1M..100M, then SmolLM2-135M; minutes on 2 cores
     python benchmarks/bench_optim.py --sizes 1M,16M      # a quick look
+    python benchmarks/bench_optim.py --sizes smollm2-135m  # a real model's 272 tensors
 
 Writes benchmarks/results/optim.json (and .csv) and the optimizer section of docs/benchmarks.md.
 Same as ``effllm bench optim --json benchmarks/results/optim.json --markdown docs/benchmarks.md``.
@@ -18,18 +19,12 @@ import torch
 from effllm.bench import optim
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SIZES = "1M,4M,16M,64M,100M"
-UNITS = {"k": 1_000, "m": 1_000_000}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * UNITS[text[-1]]) if text[-1:] in UNITS else int(text)
-
+DEFAULT_SIZES = "1M,4M,16M,64M,100M,smollm2-135m"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"parameter counts (default {DEFAULT_SIZES})")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES,
+                        help=f"parameter counts, or a model's shapes (smollm2-135m) (default {DEFAULT_SIZES})")
     parser.add_argument("--repeats", type=int, default=5, help="best of N after warm-up (default 5)")
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
     parser.add_argument("--threads", type=int, help="torch (and effllm kernel) threads (default: torch's choice)")
@@ -39,7 +34,10 @@ def main() -> None:
     parser.add_argument("--json", help="default benchmarks/results/optim.json (optim_cuda.json on CUDA)")
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args()
-    sizes = [parse_size(item) for item in args.sizes.split(",")]
+    try:
+        sizes = optim.parse_sizes(args.sizes)
+    except ValueError as error:
+        raise SystemExit(f"bench_optim.py: --sizes: {error}") from None
     try:
         kind = torch.device(args.device).type
     except RuntimeError:

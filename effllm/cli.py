@@ -80,22 +80,9 @@ def bench() -> None:
     """Benchmarks, measured side by side in one run."""
 
 
-def _parse_sizes(text: str) -> list[int]:
-    units = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
-    sizes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        try:
-            sizes.append(int(float(item[:-1]) * units[item[-1]]) if item[-1:] in units else int(item))
-        except (ValueError, IndexError):
-            raise UsageError(f"--sizes: {item!r} is not a size; write e.g. 1M,16M,100M") from None
-    if not sizes or min(sizes) <= 0:
-        raise UsageError("--sizes needs positive sizes, e.g. 1M,16M")
-    return sizes
-
-
 @bench.command("optim")
-@click.option("--sizes", default="1M,4M,16M,64M,100M", show_default=True, help="Parameter counts to measure.")
+@click.option("--sizes", default="1M,4M,16M,64M,100M,smollm2-135m", show_default=True,
+              help="Parameter counts to measure, or a model's shapes (smollm2-135m).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Best of N after warm-up.")
 @click.option("--no-bnb", is_flag=True, help="Leave bitsandbytes out.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -107,8 +94,14 @@ def _parse_sizes(text: str) -> list[int]:
 def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str, json_path: str | None,
                 markdown_path: str | None) -> None:
     """Step time and state bytes/param: torch AdamW vs bitsandbytes vs effllm AdamW8bit."""
-    parsed = _parse_sizes(sizes)
     import torch
+
+    from effllm.bench import optim
+
+    try:
+        parsed = optim.parse_sizes(sizes)
+    except ValueError as error:
+        raise UsageError(f"--sizes: {error}") from None
 
     try:
         kind = torch.device(device).type
@@ -116,8 +109,6 @@ def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str,
         raise UsageError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
-    from effllm.bench import optim
-
     rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device, cache=cache)
     optim.write(rows, json_path, markdown_path, device=device)
 

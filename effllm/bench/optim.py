@@ -44,8 +44,46 @@ FUSED = "torch AdamW (fused)"
 BNB = "bitsandbytes AdamW8bit"
 
 
-def param_shapes(size: int) -> list[tuple[int, ...]]:
-    """Shapes of about ``size`` parameters in transformer blocks of width d (a multiple of 32)."""
+SIZE_UNITS = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+def _smollm2_135m_shapes() -> list[tuple[int, ...]]:
+    """SmolLM2-135M's parameters (its config: 30 layers of width 576, 9 query and 3 key/value heads of 64, MLP
+    1536, a tied 49152-token embedding): 272 tensors, as many as a real model hands its optimizer."""
+    width, kv_width, mlp, vocab, layers = 576, 192, 1536, 49152, 30
+    layer = [(width, width), (kv_width, width), (kv_width, width), (width, width),  # q, k, v, o
+             (mlp, width), (mlp, width), (width, mlp), (width,), (width,)]  # gate, up, down, two norms
+    return [(vocab, width), *layer * layers, (width,)]
+
+
+# Named sizes: a real model's own parameter shapes instead of transformer blocks of a given total.
+MODEL_SHAPES = {"smollm2-135m": _smollm2_135m_shapes}
+
+
+def parse_sizes(text: str) -> list[int | str]:
+    """``"1M,16M,smollm2-135m"`` -> ``[1000000, 16000000, "smollm2-135m"]``; ValueError naming a bad item."""
+    sizes: list[int | str] = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if item in MODEL_SHAPES:
+            sizes.append(item)
+            continue
+        try:
+            size = int(float(item[:-1]) * SIZE_UNITS[item[-1]]) if item[-1:] in SIZE_UNITS else int(item)
+        except (ValueError, IndexError):
+            size = 0
+        if size <= 0:
+            raise ValueError(f"{item!r} is not a size: write parameter counts such as 1M,16M,100M or one of "
+                             f"{', '.join(MODEL_SHAPES)}")
+        sizes.append(size)
+    return sizes
+
+
+def param_shapes(size: int | str) -> list[tuple[int, ...]]:
+    """Shapes of about ``size`` parameters in transformer blocks of width d (a multiple of 32), or a named
+    model's own shapes (``MODEL_SHAPES``)."""
+    if isinstance(size, str):
+        return MODEL_SHAPES[size]()
     blocks = 1
     while True:
         width = max(MATRIX_ALIGN, round(math.sqrt(size / (BLOCK_MATRICES * blocks)) / MATRIX_ALIGN) * MATRIX_ALIGN)
@@ -201,6 +239,12 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
 
+def _size_label(row: dict) -> str:
+    """A table's size cell: the parameter count, with the model's name for a named size."""
+    count = _millions(row["params"])
+    return f"{count} ({row['size']} shapes)" if isinstance(row.get("size"), str) else count
+
+
 def section_name(device: str) -> str:
     """The docs/benchmarks.md section of a device's figures (CPU and GPU tables live side by side)."""
     return NAME if torch.device(device).type == "cpu" else f"{NAME}_{torch.device(device).type}"
@@ -212,6 +256,7 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") ->
     labels = list(dict.fromkeys(row["optimizer"] for row in rows))
     sizes = list(dict.fromkeys(row["params"] for row in rows))
     cell = {(row["params"], row["optimizer"]): row for row in rows}
+    size_label = {row["params"]: _size_label(row) for row in rows}
 
     def time_cell(count, label):
         row = cell.get((count, label), {})
@@ -225,7 +270,7 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") ->
 
     times = markdown_table(
         ["parameters", *labels, "effllm 8-bit / fused (median of rounds)", "(best / best)"],
-        [[_millions(count), *(time_cell(count, label) for label in labels), f"**{ratio(count, 'ratio_to_fused')}**",
+        [[size_label[count], *(time_cell(count, label) for label in labels), f"**{ratio(count, 'ratio_to_fused')}**",
           ratio(count, "best_ratio_to_fused")] for count in sizes])
     largest = sizes[-1]
     memory = markdown_table(["optimizer", f"state bytes / parameter ({_millions(largest)})"],
@@ -238,14 +283,14 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") ->
         verdicts.append(f"state ≤ {TARGET_STATE_BYTES} bytes/parameter: "
                         f"{'met' if worst_bytes <= TARGET_STATE_BYTES else 'NOT met'} ({worst_bytes:.3f} at most)")
         if on_gpu:  # the GPU target is against bitsandbytes (the bandwidth target is bench_optim_gpu's)
-            ratios = {_millions(row["params"]): row["step_ms"] / cell[(row["params"], BNB)]["step_ms"]
+            ratios = {size_label[row["params"]]: row["step_ms"] / cell[(row["params"], BNB)]["step_ms"]
                       for row in own if "step_ms" in cell.get((row["params"], BNB), {})}
             met = [size for size, value in ratios.items() if value < 1]
             missed = [size for size, value in ratios.items() if value >= 1]
             verdicts.append(f"8-bit step faster than bitsandbytes: met at {', '.join(met) or 'no size'}"
                             + (f"; not met at {', '.join(missed)}" if missed else ""))
         else:
-            ratios = {_millions(row["params"]): row["ratio_to_fused"] for row in own if "ratio_to_fused" in row}
+            ratios = {size_label[row["params"]]: row["ratio_to_fused"] for row in own if "ratio_to_fused" in row}
             met = [size for size, value in ratios.items() if value <= TARGET_RATIO_TO_FUSED]
             missed = [size for size, value in ratios.items() if value > TARGET_RATIO_TO_FUSED]
             verdicts.append(f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW: met at "
@@ -267,7 +312,8 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") ->
         "AdamW step time in milliseconds (lr 1e-3, weight decay 0.01), best of "
         f"{max((row.get('timed_steps', 0) for row in rows), default=0)} after {WARMUP_STEPS} warm-up steps "
         f"(slow candidates stop after {BUDGET_S:g} s of timing); every optimizer starts from the same parameters, "
-        "shaped like transformer blocks, and steps with the same gradients, in one process run; the optimizers "
+        "shaped like transformer blocks (a named size: that model's own shapes), and steps with the same "
+        "gradients, in one process run; the optimizers "
         "of a size take their timed steps in turn (round-robin), so a busy spell of the machine hits them all. "
         "The ratio to fused AdamW is the median over rounds of the two steps' ratio within a round (the target's "
         "figure); the ratio of the two best times is shown beside it. " + (

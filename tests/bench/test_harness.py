@@ -57,6 +57,36 @@ def test_param_shapes_are_transformer_blocks_of_about_the_requested_size():
         assert all(dim % optim.MATRIX_ALIGN == 0 for shape in shapes for dim in shape)
 
 
+def test_sizes_parse_counts_and_model_names_and_name_a_bad_item():
+    assert optim.parse_sizes("1M, 16k,2500,smollm2-135M") == [1_000_000, 16_000, 2500, "smollm2-135m"]
+    for bad in ("1X", "0", "-1M", "gpt9", ""):
+        with pytest.raises(ValueError, match="is not a size"):
+            optim.parse_sizes(bad)
+
+
+def test_smollm2_shapes_are_those_of_the_model_built_from_its_config():
+    """The model (built on the meta device, no weights) from SmolLM2-135M's published config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = sorted(tuple(p.shape) for p in model.parameters())
+    assert sorted(optim.param_shapes("smollm2-135m")) == expected
+    assert sum(math.prod(shape) for shape in expected) == 134_515_008
+
+
+def test_a_named_size_is_labelled_with_its_model_in_the_table(tmp_path):
+    rows = [{"size": "smollm2-135m", "params": 134_515_008, "optimizer": label, "step_ms": 10.0, "timed_steps": 3,
+             "state_bytes_per_param": 2.03, "ratio_to_fused": 1.5, "best_ratio_to_fused": 1.5}
+            for label in (optim.FUSED, optim.EFFLLM_8BIT)]
+    section = optim.markdown(rows, harness.machine(), "pytest")
+    assert "| 134.5M (smollm2-135m shapes) |" in section
+    assert "met at 134.5M (smollm2-135m shapes)" in section
+
+
 def test_optim_benchmark_runs_and_writes_json_csv_and_its_section(tmp_path, monkeypatch):
     monkeypatch.setattr(optim, "WARMUP_STEPS", 1)
     rows = optim.run([200_000], repeats=1, include_bnb=False)
