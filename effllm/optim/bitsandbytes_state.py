@@ -85,10 +85,9 @@ def _fill(optimizer, state: dict, index: int, saved: dict, bnb_index: int, param
         state[f"state{index}"] = codes.reshape(-1).to(param.device, copy=True)
         state[f"absmax{index}"] = absmax.to(param.device, torch.float32, copy=True)
         return
-    values = codes.reshape(-1).float().to(param.device)
-    if quantized:
-        values = dequantize_blockwise_ref(codes.reshape(-1).to(param.device), absmax.float().to(param.device),
-                                          qmap.float().to(param.device), BNB_BLOCKSIZE)
+    codes = codes.reshape(-1).to(param.device)
+    values = (dequantize_blockwise_ref(codes, absmax.float().to(param.device), qmap.float().to(param.device),
+                                       BNB_BLOCKSIZE) if quantized else codes.float())
     if bits == 32:
         state[f"state{index}"] = values.reshape(param.shape).clone()
         return
