@@ -5,13 +5,15 @@ effllm AdamW8bit (and its 4- and 32-bit states), measured side by side in one ru
     python benchmarks/bench_optim.py --sizes 1M,16M      # a quick look
     python benchmarks/bench_optim.py --sizes smollm2-135m  # a real model's 272 tensors
 
-Writes benchmarks/results/optim.json (and .csv) and the optimizer section of docs/benchmarks.md.
+Writes benchmarks/results/optim.json (and .csv), docs/optim_step_time.png and the optimizer section of
+docs/benchmarks.md; ``--replot`` redraws the PNG from the JSON alone.
 Same as ``effllm bench optim --json benchmarks/results/optim.json --markdown docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from effllm.bench import optim
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = "1M,4M,16M,64M,100M,smollm2-135m"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,6 +36,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); CUDA figures get their own section")
     parser.add_argument("--json", help="default benchmarks/results/optim.json (optim_cuda.json on CUDA)")
     parser.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--png", help="default docs/optim_step_time.png (optim_step_time_cuda.png on CUDA)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from --json's rows")
     args = parser.parse_args()
     try:
         sizes = optim.parse_sizes(args.sizes)
@@ -42,18 +47,23 @@ def main() -> None:
         kind = torch.device(args.device).type
     except RuntimeError:
         raise SystemExit(f"bench_optim.py: --device {args.device!r} is not a torch device; use cpu or cuda") from None
+    section = optim.section_name(args.device)
+    json_path = args.json or str(REPO / "benchmarks" / "results" / f"{section}.json")
+    png_path = args.png or str(REPO / "docs" / f"optim_step_time{section[len(optim.NAME):]}.png")
+    if args.replot:  # from saved rows: no device needed
+        optim.plot(json.loads(Path(json_path).read_text())["rows"], png_path, args.device)
+        return
     if kind == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_optim.py: --device cuda, but no CUDA device is visible here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb, device=args.device, cache=args.cache)
-    json_path = args.json or str(REPO / "benchmarks" / "results" / f"{optim.section_name(args.device)}.json")
     command = "python benchmarks/bench_optim.py" + (f" --sizes {args.sizes}" if args.sizes != DEFAULT_SIZES else "")
     command += f" --threads {args.threads}" if args.threads else ""
     command += f" --repeats {args.repeats}" if args.repeats != 5 else ""
     command += f" --device {args.device}" if args.device != "cpu" else ""
     command += f" --cache {args.cache}" if args.cache != "cold" else ""
-    optim.write(rows, json_path, args.markdown, command=command, device=args.device)
+    optim.write(rows, json_path, args.markdown, command=command, device=args.device, png_path=png_path)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 # bitsandbytes, for the side-by-side figures, is taken from .gpu/site when present: copy an installed
 # bitsandbytes package there keeping only libbitsandbytes_cuda<NNN>.so for the machine's CUDA and the CPU
 # library (about 4.5 MB; see docs/optim.md, "GPU kernel"). Writes logs, JSON and an updated benchmarks.md
-# under OUT_DIR; copy the JSON files to benchmarks/results/ and benchmarks.md to docs/ to publish them.
+# under OUT_DIR; copy the JSON files to benchmarks/results/, benchmarks.md and the PNG to docs/ to publish them.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT_DIR=${1:-${OUT:-$REPO/gpu_check_out}}
@@ -26,7 +26,7 @@ timeout 150 python3 benchmarks/bench_optim_gpu.py --json "$OUT_DIR/optim_gpu.jso
     > "$OUT_DIR/roofline.log" 2>&1; echo "rc=$?"; head -12 "$OUT_DIR/roofline.log"
 echo "== whole-model optimizer steps"
 timeout 120 python3 benchmarks/bench_optim.py --device cuda --repeats 20 --json "$OUT_DIR/optim_cuda.json" \
-    --markdown "$OUT_DIR/benchmarks.md" > "$OUT_DIR/steps.log" 2>&1; echo "rc=$?"; grep -E "^\| [0-9]|Targets" "$OUT_DIR/steps.log"
+    --markdown "$OUT_DIR/benchmarks.md" --png "$OUT_DIR/optim_step_time_cuda.png" > "$OUT_DIR/steps.log" 2>&1; echo "rc=$?"; grep -E "^\| [0-9]|Targets" "$OUT_DIR/steps.log"
 echo "== update-kernel variants"
 timeout 120 python3 benchmarks/optim_gpu_variants.py > "$OUT_DIR/variants.log" 2>&1; echo "rc=$?"; tail -8 "$OUT_DIR/variants.log"
 echo "== GPU tests"

@@ -250,7 +250,7 @@ def section_name(device: str) -> str:
     return NAME if torch.device(device).type == "cpu" else f"{NAME}_{torch.device(device).type}"
 
 
-def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") -> str:
+def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu", plot_name: str | None = None) -> str:
     """The optimizer section of docs/benchmarks.md for ``device``."""
     on_gpu = torch.device(device).type != "cpu"
     labels = list(dict.fromkeys(row["optimizer"] for row in rows))
@@ -323,6 +323,7 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") ->
             "Caches were not flushed between steps (`--cache warm`): small models run from cache."),
         "",
         times,
+        *(["", f"Plot: [{plot_name}]({plot_name})."] if plot_name else []),
         "",
         memory,
         "",
@@ -331,14 +332,65 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu") ->
     ])
 
 
+def plot(rows: list[dict], path: str | Path, device: str = "cpu") -> None:
+    """Step time against parameter count for every optimizer (log-log), and effllm 8-bit's ratio to fused
+    AdamW against the 2x target, as a PNG (written to a temporary file, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [row for row in rows if "step_ms" in row]
+    fig, (times, ratios) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    for label in dict.fromkeys(row["optimizer"] for row in timed):
+        own = sorted((row["params"], row["step_ms"]) for row in timed if row["optimizer"] == label)
+        times.plot(*zip(*own), marker="o", linewidth=1.4, label=label)
+    times.set(xscale="log", yscale="log", ylabel="step time, ms (best of the rounds)")
+    times.set_title(f"Optimizer step on {device}, side by side in one run (cold caches)", fontsize=10)
+    times.legend(fontsize=8)
+    times.grid(alpha=0.3, which="both")
+    # The CPU target is against fused AdamW (median of the rounds' ratios); the GPU one against bitsandbytes.
+    if torch.device(device).type == "cpu":
+        own = sorted((row["params"], row["ratio_to_fused"]) for row in timed
+                     if row["optimizer"] == EFFLLM_8BIT and "ratio_to_fused" in row)
+        label, target = f"{EFFLLM_8BIT} / fused AdamW (median of rounds)", TARGET_RATIO_TO_FUSED
+    else:
+        best = {(row["params"], row["optimizer"]): row["step_ms"] for row in timed}
+        own = sorted((count, ms / best[(count, BNB)]) for (count, label), ms in best.items()
+                     if label == EFFLLM_8BIT and (count, BNB) in best)
+        label, target = f"{EFFLLM_8BIT} / {BNB} (best times)", 1.0
+    if own:
+        ratios.plot(*zip(*own), marker="o", color="tab:red", label=label)
+        ratios.axhline(target, color="black", linewidth=0.8, linestyle="--", label="target")
+        ratios.set_ylim(0, max(target * 1.25, max(value for _, value in own) * 1.1))
+        ratios.legend(fontsize=8)
+    for row in timed:  # name the real models' shapes where they sit
+        if isinstance(row.get("size"), str) and row["optimizer"] == EFFLLM_8BIT:
+            times.annotate(row["size"], (row["params"], row["step_ms"]), fontsize=7, xytext=(4, -10),
+                           textcoords="offset points")
+    ratios.set(xscale="log", xlabel="parameters", ylabel="ratio")
+    ratios.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(temporary, dpi=110)
+    plt.close(fig)
+    temporary.replace(path)
+
+
 def write(rows: list[dict], json_path: str | None, markdown_path: str | None,
-          command: str = "effllm bench optim", device: str = "cpu") -> None:
-    """Print the table; write JSON (and CSV beside it) and the markdown section where paths are given."""
+          command: str = "effllm bench optim", device: str = "cpu", png_path: str | None = None) -> None:
+    """Print the table; write JSON (and CSV beside it), the markdown section and the plot where paths are
+    given (the section links the plot when both are in one folder)."""
     info = machine()
     info["load_average_1m_at_end"] = info.pop("load_average_1m", None)
     if rows and rows[0].get("load_average_1m") is not None:
         info["load_average_1m"] = rows[0]["load_average_1m"]  # machine_line reports it as the start's
-    section = markdown(rows, info, command, device)
+    if png_path:
+        plot(rows, png_path, device)
+    linked = png_path and markdown_path and Path(png_path).parent.resolve() == Path(markdown_path).parent.resolve()
+    section = markdown(rows, info, command, device, plot_name=Path(png_path).name if linked else None)
     print(section)
     if json_path:
         write_json(json_path, {"benchmark": section_name(device), "device": device, "command": command,

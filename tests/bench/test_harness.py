@@ -149,3 +149,16 @@ def test_ratio_to_fused_is_the_median_of_ratios_within_rounds():
     mine, fused = [2.0, 6.0, 1.0, 2.2, None], [1.0, 3.0, 0.4, 1.1, 1.0]
     assert optim._median_ratio(mine, fused) == 2.0  # ratios 2.0, 2.0, 2.5, 2.0; the sat-out round is skipped
     assert optim._median_ratio([None], [1.0]) is None
+
+
+def test_the_plot_is_written_and_linked_from_its_section(tmp_path):
+    rows = [{"size": size, "params": size, "optimizer": label, "step_ms": ms, "timed_steps": 3,
+             "state_bytes_per_param": 2.03, "ratio_to_fused": ms / fused}
+            for size, fused in ((1_000_000, 1.0), (4_000_000, 3.0))
+            for label, ms in ((optim.FUSED, fused), (optim.EFFLLM_8BIT, 1.6 * fused))]
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("<!-- bench:optim:begin -->\n<!-- bench:optim:end -->\n")
+    optim.write(rows, None, str(doc), command="pytest", png_path=str(tmp_path / "step.png"))
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Plot: [step.png](step.png)." in doc.read_text()
+    assert not list(tmp_path.glob("*.tmp.png"))  # written whole, then renamed
