@@ -91,8 +91,10 @@ def bench() -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
               help="Write/refresh the optimizer section of this markdown file (e.g. docs/benchmarks.md).")
+@click.option("--png", "png_path", type=click.Path(dir_okay=False),
+              help="Draw step time against parameters here (linked from the section when beside it).")
 def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str, json_path: str | None,
-                markdown_path: str | None) -> None:
+                markdown_path: str | None, png_path: str | None) -> None:
     """Step time and state bytes/param: torch AdamW vs bitsandbytes vs effllm AdamW8bit."""
     import torch
 
@@ -110,7 +112,7 @@ def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str,
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
     rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device, cache=cache)
-    optim.write(rows, json_path, markdown_path, device=device)
+    optim.write(rows, json_path, markdown_path, device=device, png_path=png_path)
 
 
 def _group_size(value: str) -> int | None:
