@@ -21,13 +21,10 @@ import torch
 from effllm.bench import optim
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SIZES = "1M,4M,16M,64M,100M,smollm2-135m"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=DEFAULT_SIZES,
-                        help=f"parameter counts, or a model's shapes (smollm2-135m) (default {DEFAULT_SIZES})")
+    parser.add_argument("--sizes", default=optim.DEFAULT_SIZES,
+                        help=f"parameter counts, or a model's shapes (smollm2-135m) (default {optim.DEFAULT_SIZES})")
     parser.add_argument("--repeats", type=int, default=5, help="best of N after warm-up (default 5)")
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out")
     parser.add_argument("--threads", type=int, help="torch (and effllm kernel) threads (default: torch's choice)")
@@ -44,21 +41,26 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(f"bench_optim.py: --sizes: {error}") from None
     try:
-        kind = torch.device(args.device).type
+        section = optim.section_name(args.device)
     except RuntimeError:
         raise SystemExit(f"bench_optim.py: --device {args.device!r} is not a torch device; use cpu or cuda") from None
-    section = optim.section_name(args.device)
     json_path = args.json or str(REPO / "benchmarks" / "results" / f"{section}.json")
     png_path = args.png or str(REPO / "docs" / f"optim_step_time{section[len(optim.NAME):]}.png")
     if args.replot:  # from saved rows: no device needed
+        if not Path(json_path).is_file():
+            raise SystemExit(f"bench_optim.py: --replot: no results at {json_path}; run the benchmark first or "
+                             "pass --json")
         optim.plot(json.loads(Path(json_path).read_text())["rows"], png_path, args.device)
         return
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_optim.py: --device cuda, but no CUDA device is visible here; use --device cpu")
+    try:
+        optim.check_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"bench_optim.py: --device {error}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = optim.run(sizes, repeats=args.repeats, include_bnb=not args.no_bnb, device=args.device, cache=args.cache)
-    command = "python benchmarks/bench_optim.py" + (f" --sizes {args.sizes}" if args.sizes != DEFAULT_SIZES else "")
+    command = "python benchmarks/bench_optim.py"
+    command += f" --sizes {args.sizes}" if args.sizes != optim.DEFAULT_SIZES else ""
     command += f" --threads {args.threads}" if args.threads else ""
     command += f" --repeats {args.repeats}" if args.repeats != 5 else ""
     command += f" --device {args.device}" if args.device != "cpu" else ""

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from effllm.kernels import _optim_update_triton as update
-from effllm.kernels._optim_update_triton import _nearest_code
+from effllm.kernels._blockwise_triton import map_code
 from effllm.kernels.optim_update import Hyper, ParamSlot
 from effllm.kernels.quant_maps import dynamic_map
 
@@ -61,8 +61,7 @@ def store_with_reciprocal(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_
                           SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
     absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)
     scale = tl.where(absmax > 0, absmax, 1.0)
-    code = _nearest_code(new * (1.0 / scale)[:, None], mid_ptr, n_mid, dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED,
-                         SIGNED)
+    code = map_code(new * (1.0 / scale)[:, None], mid_ptr, n_mid, dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
     tl.store(state_addr.to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=mask)
     tl.store(absmax_addr.to(tl.pointer_type(tl.float32)) + block, absmax, mask=block_mask)
 
@@ -74,7 +73,7 @@ def store_without_reduction(new, state_addr, absmax_addr, mid_ptr, n_mid, dynami
     """Requantizes against the block's old absmax: no cross-warp maximum (and its barrier) per state."""
     absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block, mask=block_mask, other=1.0)
     scale = tl.where(absmax > 0, absmax, 1.0)
-    code = _nearest_code(tl.minimum(tl.maximum(tl.math.div_rn(new, scale[:, None]), -1.0), 1.0), mid_ptr, n_mid,
+    code = map_code(tl.minimum(tl.maximum(tl.math.div_rn(new, scale[:, None]), -1.0), 1.0), mid_ptr, n_mid,
                          dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
     tl.store(state_addr.to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=mask)
 
@@ -119,15 +118,14 @@ VARIANTS = {
     "computed, 256/program, pointers in work rows": dict(work=work_row_with_pointers, tables=tables_with_pointers),
 }
 _SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel",
-             "_tables")
+             "codes_for_kernels", "_tables")
 
 
 def apply(spec: dict) -> dict:
     """Patch the kernel module for one variant; returns what to restore."""
     saved = {name: getattr(update, name) for name in _SETTINGS}
-    saved["for_map"] = update.DynamicCodes.__dict__["for_map"]
     if spec.get("searched"):
-        update.DynamicCodes.for_map = staticmethod(lambda *args, **kwargs: None)
+        update.codes_for_kernels = lambda *args, **kwargs: None
     if "elements" in spec:
         update.QUANTIZED_ELEMENTS_PER_PROGRAM = spec["elements"]
     if "warps" in spec:
@@ -136,7 +134,7 @@ def apply(spec: dict) -> dict:
     if "tables" in spec:
         update._tables = spec["tables"]
     if {"encode", "load", "store", "work"} & spec.keys():
-        store = rejit(spec.get("store", update._store_state), _nearest_code=spec.get("encode", update._nearest_code))
+        store = rejit(spec.get("store", update._store_state), map_code=spec.get("encode", update.map_code))
         update._optim_update_kernel = rejit(update._optim_update_kernel, _store_state=store,
                                             _load_state=spec.get("load", update._load_state),
                                             _work_item=spec.get("work", update._work_item))
@@ -144,7 +142,6 @@ def apply(spec: dict) -> dict:
 
 
 def restore(saved: dict) -> None:
-    update.DynamicCodes.for_map = saved.pop("for_map")
     for name, value in saved.items():
         setattr(update, name, value)
 

@@ -81,8 +81,8 @@ def bench() -> None:
 
 
 @bench.command("optim")
-@click.option("--sizes", default="1M,4M,16M,64M,100M,smollm2-135m", show_default=True,
-              help="Parameter counts to measure, or a model's shapes (smollm2-135m).")
+@click.option("--sizes", default=None, help="Parameter counts to measure, or a model's shapes (smollm2-135m); "
+              "default 1M,4M,16M,64M,100M,smollm2-135m.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Best of N after warm-up.")
 @click.option("--no-bnb", is_flag=True, help="Leave bitsandbytes out.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -96,21 +96,16 @@ def bench() -> None:
 def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str, json_path: str | None,
                 markdown_path: str | None, png_path: str | None) -> None:
     """Step time and state bytes/param: torch AdamW vs bitsandbytes vs effllm AdamW8bit."""
-    import torch
-
     from effllm.bench import optim
 
     try:
-        parsed = optim.parse_sizes(sizes)
+        parsed = optim.parse_sizes(sizes or optim.DEFAULT_SIZES)
     except ValueError as error:
         raise UsageError(f"--sizes: {error}") from None
-
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
+        optim.check_device(device)
+    except ValueError as error:
+        raise UsageError(f"--device {error}") from None
     rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device, cache=cache)
     optim.write(rows, json_path, markdown_path, device=device, png_path=png_path)
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import _check, num_blocks
-from .dynamic_codes import COMPUTED_MIN_MAP_SIZE, DynamicCodes
+from .dynamic_codes import codes_for_kernels
 from .quant_maps import map_midpoints
 
 # Largest tile one program holds in registers; longer blocks are walked in tiles of this size.
@@ -57,6 +57,17 @@ def nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS: tl.constexpr):
         boundary = tl.load(mid_ptr + probe, mask=probe < n_mid, other=float("inf"))
         code = tl.where(boundary < x, code + stride, code)
     return code
+
+
+@triton.jit
+def map_code(x, mid_ptr, n_mid, dynamic_ptr,
+             BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
+    """The nearest map entry of each normalised value: computed for a dynamic map (``dynamic_ptr`` its
+    ``DynamicCodes`` table, see ``dynamic_codes.codes_for_kernels``), else searched for."""
+    if COMPUTED:
+        return dynamic_encode(x, dynamic_ptr, mid_ptr, BITS, SIGNED)
+    else:
+        return nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS)
 
 
 @triton.jit
@@ -113,10 +124,7 @@ def _quantize_blockwise_kernel(
         offs = row_start + in_block
         mask = (in_block < blocksize) & (offs < numel)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if COMPUTED:
-            code = dynamic_encode(tl.math.div_rn(x, scale), dynamic_ptr, mid_ptr, BITS, SIGNED)
-        else:
-            code = nearest_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, SEARCH_STEPS)
+        code = map_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
         tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax, mask=block < nblocks)
 
@@ -167,7 +175,7 @@ def quantize_blockwise_triton(
     if nblocks == 0:
         return codes, absmax
     midpoints = map_midpoints(qmap.to(device=x.device, dtype=torch.float32)).contiguous()
-    dynamic = DynamicCodes.for_map(qmap, x.device) if qmap.numel() >= COMPUTED_MIN_MAP_SIZE else None
+    dynamic = codes_for_kernels(qmap, x.device)
     tile = tile_for(blocksize)
     rows = rows_for(tile)
     with on_device(x.device):

@@ -27,7 +27,7 @@ from . import cpu_build
 from ._cpu_abi import DTYPE_CODES, SLOT_GRAD, SLOT_NUMEL, SLOT_WORDS, Hyper, ParamSlot, check
 from ._cpu_code_maps import prepare_map
 from .blockwise import num_blocks
-from .optim_update import ALGORITHMS, STATES, UpdatePlan, optim_update_ref
+from .optim_update import ALGORITHMS, STATES, UpdatePlan, kernel_scalars, optim_update_ref
 from .packing import packed_numel
 
 # csrc/optim_update.c: the ALGO_* enum.
@@ -41,24 +41,8 @@ MIN_ELEMENTS_PER_THREAD = 1 << 15
 def hyper_struct(hyper) -> Hyper:
     """The step's scalars as fp32, each computed in Python floats first as the reference computes it. Cached:
     the buckets of a step share them (the returned structure is read, never written)."""
-    h = hyper
-    return Hyper(
-        lr=h.lr,
-        beta1=h.beta1,
-        beta2=h.beta2,
-        one_minus_beta1=1 - h.beta1,
-        one_minus_beta2=1 - h.beta2,
-        eps=h.eps,
-        weight_decay=h.weight_decay,
-        decay_factor=1 - h.lr * h.weight_decay,
-        step_size=h.lr / (1 - h.beta1**h.step) if h.beta1 != 1 else 0.0,
-        bias_correction2_sqrt=(1 - h.beta2**h.step) ** 0.5,
-        one_minus_dampening=1 - h.dampening,
-        has_weight_decay=bool(h.weight_decay),
-        first_step=h.step == 1,
-        nesterov=bool(h.nesterov),
-        maximize=bool(h.maximize),
-    )
+    return Hyper(**kernel_scalars(hyper), has_weight_decay=bool(hyper.weight_decay), first_step=hyper.step == 1,
+                 nesterov=bool(hyper.nesterov), maximize=bool(hyper.maximize))
 
 
 def _state_words(state, absmax, numel: int, bits: int, blocksize: int) -> tuple[int, int] | None:

@@ -28,7 +28,7 @@ import triton.language as tl
 from ._blockwise_triton import (
     ELEMENTS_PER_PROGRAM,
     MAX_TILE,
-    nearest_code,
+    map_code,
     num_warps_for,
     on_device,
     rows_for,
@@ -36,10 +36,9 @@ from ._blockwise_triton import (
     tile_for,
     to_storage_dtype,
 )
-from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import num_blocks
-from .dynamic_codes import COMPUTED_MIN_MAP_SIZE, DynamicCodes
-from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, UpdatePlan, optim_update_ref
+from .dynamic_codes import codes_for_kernels
+from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, UpdatePlan, kernel_scalars, optim_update_ref
 from .packing import packed_numel
 from .quant_maps import map_midpoints
 
@@ -88,16 +87,6 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
-def _nearest_code(x, mid_ptr, n_mid, dynamic_ptr,
-                  BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
-    """The nearest map entry of each normalised value: computed for a dynamic map, else searched for."""
-    if COMPUTED:
-        return dynamic_encode(x, dynamic_ptr, mid_ptr, BITS, SIGNED)
-    else:
-        return nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS)
-
-
-@triton.jit
 def _load_state(
     state_addr, absmax_addr, qmap_ptr,
     block, block_mask,  # [ROWS] int64 block index within the parameter, and whether it exists
@@ -137,8 +126,8 @@ def _store_state(
     else:
         absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)  # [ROWS]
         scale = tl.where(absmax > 0, absmax, 1.0)  # an all-zero block divides by 1
-        code = _nearest_code(tl.math.div_rn(new, scale[:, None]), mid_ptr, n_mid, dynamic_ptr,
-                             BITS, SEARCH_STEPS, COMPUTED, SIGNED)
+        code = map_code(tl.math.div_rn(new, scale[:, None]), mid_ptr, n_mid, dynamic_ptr,
+                        BITS, SEARCH_STEPS, COMPUTED, SIGNED)
         code = tl.where(mask, code, 0)  # the spare nibble of an odd-sized tensor is 0, as in pack_bits_ref
         codes_ptr = state_addr.to(tl.pointer_type(tl.uint8))
         if BITS == 8:
@@ -324,7 +313,7 @@ def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torc
         return [placeholder, placeholder, 0, placeholder], dict(SEARCH=0, COMPUTED=False, SIGNED=False)
     table = qmap.to(device=device, dtype=torch.float32).contiguous()
     midpoints = map_midpoints(table).contiguous()
-    codes = DynamicCodes.for_map(qmap, device) if table.numel() >= COMPUTED_MIN_MAP_SIZE else None
+    codes = codes_for_kernels(qmap, device)
     tables = [codes.table if codes is not None else placeholder]
     constexprs = dict(SEARCH=search_steps(table.numel()), COMPUTED=codes is not None,
                       SIGNED=codes is not None and codes.signed)
@@ -355,23 +344,13 @@ def _layout(bits: int, blocksize: int) -> _Layout:
     return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)))
 
 
-def _scalars(h: Hyper) -> dict:
-    return dict(
-        lr=float(h.lr), beta1=float(h.beta1), beta2=float(h.beta2), eps=float(h.eps),
-        weight_decay=float(h.weight_decay), one_minus_beta1=1 - h.beta1, one_minus_beta2=1 - h.beta2,
-        one_minus_dampening=1 - h.dampening, decay_factor=1 - h.lr * h.weight_decay,
-        step_size=h.lr / (1 - h.beta1**h.step) if h.beta1 != 1 else 0.0,
-        bias_correction2_sqrt=(1 - h.beta2**h.step) ** 0.5,
-    )
-
-
 def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, table: torch.Tensor, work: torch.Tensor, maps: tuple,
             has_states: tuple[bool, bool], p_dtype: torch.dtype, g_dtype: torch.dtype, device: torch.device) -> None:
     """One launch over the parameters of ``table``; ``maps`` is ``_map_args`` of each state."""
     (args1, const1), (args2, const2) = maps
     with on_device(device):
         _optim_update_kernel[(work.shape[0],)](
-            table, work, *args1, *args2, **_scalars(h), blocksize=layout.rows_len,
+            table, work, *args1, *args2, **kernel_scalars(h), blocksize=layout.rows_len,
             ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
             WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
             MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
@@ -389,6 +368,11 @@ def _check_arguments(algo: str, bits: int, blocksize: int) -> None:
         raise ValueError(f"state bits must be one of {STATE_BITS}, got {bits}")
     if bits != 32 and blocksize < 1:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
+
+
+def _bucket_key(slot: ParamSlot) -> tuple:
+    """Slots that can share a launch: (device, param dtype, grad dtype, no state1, no state2)."""
+    return (slot.param.device, slot.param.dtype, slot.grad.dtype, slot.state1 is None, slot.state2 is None)
 
 
 def _needs_reference(bits: int, blocksize: int) -> bool:
@@ -421,8 +405,7 @@ def optim_update_many_triton(
     layout = _layout(bits, blocksize)
     buckets: dict[tuple, list[ParamSlot]] = {}
     for slot in slots:
-        key = (slot.param.device, slot.param.dtype, slot.grad.dtype, slot.state1 is None, slot.state2 is None)
-        buckets.setdefault(key, []).append(slot)
+        buckets.setdefault(_bucket_key(slot), []).append(slot)
     for (device, p_dtype, g_dtype, no_state1, no_state2), bucket in buckets.items():
         # The kernel writes through raw pointers: work on contiguous copies and write them back after.
         params = [s.param.detach() if s.param.is_contiguous() else s.param.detach().contiguous() for s in bucket]
@@ -471,8 +454,7 @@ class TritonUpdatePlan(UpdatePlan):
         self.buckets: list[_PlannedBucket] = []
         by_key: dict[tuple, list[int]] = {}
         for index, slot in live:
-            key = (slot.param.device, slot.param.dtype, slot.grad.dtype, slot.state1 is None, slot.state2 is None)
-            by_key.setdefault(key, []).append(index)
+            by_key.setdefault(_bucket_key(slot), []).append(index)
         for (device, p_dtype, g_dtype, no_state1, no_state2), indices in by_key.items():
             placeholder = torch.zeros(1, dtype=torch.int64, device=device)
             maps = (_map_args(qmap1 if not no_state1 else None, device, placeholder),

@@ -72,6 +72,12 @@ class DynamicCodes:
         return _for_map_cached(qmap, torch.device(device) if device is not None else qmap.device)
 
 
+def codes_for_kernels(qmap: torch.Tensor, device: torch.device | str | None = None) -> DynamicCodes | None:
+    """The ``DynamicCodes`` kernels compute ``qmap``'s codes with, or None where they search: maps of fewer than
+    ``COMPUTED_MIN_MAP_SIZE`` entries, and maps that are not verified dynamic maps."""
+    return DynamicCodes.for_map(qmap, device) if qmap.numel() >= COMPUTED_MIN_MAP_SIZE else None
+
+
 @functools.lru_cache(maxsize=_CACHED)
 def _build(signed: bool, bits: int) -> DynamicCodes | None:
     levels = levels_of(bits)

@@ -55,6 +55,18 @@ class Hyper:
     maximize: bool = False
 
 
+def kernel_scalars(h: Hyper) -> dict[str, float]:
+    """The scalars the fused kernels (C and Triton) take, derived from ``h`` in Python floats as the reference
+    derives them: decay factor, Adam's step size and bias correction, and the ``1 - beta`` forms."""
+    return dict(
+        lr=float(h.lr), beta1=float(h.beta1), beta2=float(h.beta2), eps=float(h.eps),
+        weight_decay=float(h.weight_decay), one_minus_beta1=1 - h.beta1, one_minus_beta2=1 - h.beta2,
+        one_minus_dampening=1 - h.dampening, decay_factor=1 - h.lr * h.weight_decay,
+        step_size=h.lr / (1 - h.beta1**h.step) if h.beta1 != 1 else 0.0,
+        bias_correction2_sqrt=(1 - h.beta2**h.step) ** 0.5,
+    )
+
+
 def _dequantize_state(state, absmax, qmap, bits, blocksize, numel):
     if bits == 32:
         return state.reshape(-1).float()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -111,18 +112,31 @@ def machine_line(info: dict) -> str:
     return ", ".join(parts)
 
 
-def _write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike):
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` only if the block succeeds, so readers
+    see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        yield temporary
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _write_atomically(path: str | os.PathLike, text: str) -> None:
+    with _atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as out:
+        out.write(text)
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG at ``path``, written whole, then renamed."""
+    with _atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi)
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -20,11 +20,12 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .harness import machine, machine_line, markdown_table, update_markdown_section, write_csv, write_json
+from .harness import machine, machine_line, markdown_table, save_figure, update_markdown_section, write_csv, write_json
 
 NAME = "optim"
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -39,6 +40,7 @@ CACHE_STATES = ("cold", "warm")
 BUSY_LOAD_PER_CORE = 0.5  # a load average above this per CPU marks the figures as taken on a busy machine
 TARGET_STATE_BYTES = 2.04
 TARGET_RATIO_TO_FUSED = 2.0
+DEFAULT_SIZES = "1M,4M,16M,64M,100M,smollm2-135m"
 EFFLLM_8BIT = "effllm AdamW8bit"
 FUSED = "torch AdamW (fused)"
 BNB = "bitsandbytes AdamW8bit"
@@ -77,6 +79,16 @@ def parse_sizes(text: str) -> list[int | str]:
                              f"{', '.join(MODEL_SHAPES)}")
         sizes.append(size)
     return sizes
+
+
+def check_device(device: str) -> None:
+    """ValueError naming the problem when ``device`` is not a torch device, or is CUDA on a machine without one."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"{device!r} is not a torch device; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("cuda, but no CUDA device is visible here; use cpu")
 
 
 def param_shapes(size: int | str) -> list[tuple[int, ...]]:
@@ -235,6 +247,33 @@ def run(sizes: list[int], repeats: int = 5, include_bnb: bool = True, device: st
     return rows
 
 
+@dataclass
+class TargetRatios:
+    """effllm 8-bit's step against the target's reference, by parameter count: on CPU the median of the rounds'
+    ratios to fused AdamW (at most ``bound``), on GPU the ratio of best times to bitsandbytes' (below 1)."""
+
+    ratios: dict[int, float]
+    bound: float
+    label: str
+    verdict: str
+    strict: bool  # the ratio must stay below the bound, not just reach it
+
+    def meets(self, value: float) -> bool:
+        return value < self.bound if self.strict else value <= self.bound
+
+
+def target_ratios(rows: list[dict], device: str) -> TargetRatios:
+    timed = {(row["params"], row["optimizer"]): row for row in rows if "step_ms" in row}
+    own = {count: row for (count, label), row in timed.items() if label == EFFLLM_8BIT}
+    if torch.device(device).type == "cpu":
+        return TargetRatios({count: row["ratio_to_fused"] for count, row in own.items() if "ratio_to_fused" in row},
+                            TARGET_RATIO_TO_FUSED, f"{EFFLLM_8BIT} / fused AdamW (median of rounds)",
+                            f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW", strict=False)
+    return TargetRatios({count: row["step_ms"] / timed[(count, BNB)]["step_ms"] for count, row in own.items()
+                         if (count, BNB) in timed}, 1.0, f"{EFFLLM_8BIT} / {BNB} (best times)",
+                        "8-bit step faster than bitsandbytes", strict=True)
+
+
 def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
@@ -282,19 +321,11 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu", pl
         worst_bytes = max(row["state_bytes_per_param"] for row in own)
         verdicts.append(f"state ≤ {TARGET_STATE_BYTES} bytes/parameter: "
                         f"{'met' if worst_bytes <= TARGET_STATE_BYTES else 'NOT met'} ({worst_bytes:.3f} at most)")
-        if on_gpu:  # the GPU target is against bitsandbytes (the bandwidth target is bench_optim_gpu's)
-            ratios = {size_label[row["params"]]: row["step_ms"] / cell[(row["params"], BNB)]["step_ms"]
-                      for row in own if "step_ms" in cell.get((row["params"], BNB), {})}
-            met = [size for size, value in ratios.items() if value < 1]
-            missed = [size for size, value in ratios.items() if value >= 1]
-            verdicts.append(f"8-bit step faster than bitsandbytes: met at {', '.join(met) or 'no size'}"
-                            + (f"; not met at {', '.join(missed)}" if missed else ""))
-        else:
-            ratios = {size_label[row["params"]]: row["ratio_to_fused"] for row in own if "ratio_to_fused" in row}
-            met = [size for size, value in ratios.items() if value <= TARGET_RATIO_TO_FUSED]
-            missed = [size for size, value in ratios.items() if value > TARGET_RATIO_TO_FUSED]
-            verdicts.append(f"8-bit step ≤ {TARGET_RATIO_TO_FUSED:g}× fused AdamW: met at "
-                            f"{', '.join(met) or 'no size'}" + (f"; not met at {', '.join(missed)}" if missed else ""))
+        target = target_ratios(rows, device)
+        met = [size_label[count] for count, value in target.ratios.items() if target.meets(value)]
+        missed = [size_label[count] for count, value in target.ratios.items() if not target.meets(value)]
+        verdicts.append(f"{target.verdict}: met at {', '.join(met) or 'no size'}"
+                        + (f"; not met at {', '.join(missed)}" if missed else ""))
     loads = [row["load_average_1m"] for row in rows if row.get("load_average_1m") is not None]
     load, cores = max(loads, default=None), info.get("logical_cores") or 1
     note = ""
@@ -346,23 +377,16 @@ def plot(rows: list[dict], path: str | Path, device: str = "cpu") -> None:
         own = sorted((row["params"], row["step_ms"]) for row in timed if row["optimizer"] == label)
         times.plot(*zip(*own), marker="o", linewidth=1.4, label=label)
     times.set(xscale="log", yscale="log", ylabel="step time, ms (best of the rounds)")
-    times.set_title(f"Optimizer step on {device}, side by side in one run (cold caches)", fontsize=10)
+    cache = timed[0].get("cache", "cold") if timed else "cold"
+    times.set_title(f"Optimizer step on {device}, side by side in one run ({cache} caches)", fontsize=10)
     times.legend(fontsize=8)
     times.grid(alpha=0.3, which="both")
-    # The CPU target is against fused AdamW (median of the rounds' ratios); the GPU one against bitsandbytes.
-    if torch.device(device).type == "cpu":
-        own = sorted((row["params"], row["ratio_to_fused"]) for row in timed
-                     if row["optimizer"] == EFFLLM_8BIT and "ratio_to_fused" in row)
-        label, target = f"{EFFLLM_8BIT} / fused AdamW (median of rounds)", TARGET_RATIO_TO_FUSED
-    else:
-        best = {(row["params"], row["optimizer"]): row["step_ms"] for row in timed}
-        own = sorted((count, ms / best[(count, BNB)]) for (count, label), ms in best.items()
-                     if label == EFFLLM_8BIT and (count, BNB) in best)
-        label, target = f"{EFFLLM_8BIT} / {BNB} (best times)", 1.0
-    if own:
-        ratios.plot(*zip(*own), marker="o", color="tab:red", label=label)
-        ratios.axhline(target, color="black", linewidth=0.8, linestyle="--", label="target")
-        ratios.set_ylim(0, max(target * 1.25, max(value for _, value in own) * 1.1))
+    target = target_ratios(rows, device)
+    if target.ratios:
+        own = sorted(target.ratios.items())
+        ratios.plot(*zip(*own), marker="o", color="tab:red", label=target.label)
+        ratios.axhline(target.bound, color="black", linewidth=0.8, linestyle="--", label="target")
+        ratios.set_ylim(0, max(target.bound * 1.25, max(value for _, value in own) * 1.1))
         ratios.legend(fontsize=8)
     for row in timed:  # name the real models' shapes where they sit
         if isinstance(row.get("size"), str) and row["optimizer"] == EFFLLM_8BIT:
@@ -371,12 +395,8 @@ def plot(rows: list[dict], path: str | Path, device: str = "cpu") -> None:
     ratios.set(xscale="log", xlabel="parameters", ylabel="ratio")
     ratios.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(temporary, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    temporary.replace(path)
 
 
 def write(rows: list[dict], json_path: str | None, markdown_path: str | None,

@@ -19,15 +19,13 @@ from collections.abc import Callable
 import torch
 
 from .harness import machine, machine_line, markdown_table, update_markdown_section, write_json
+from .optim import BNB, EFFLLM_8BIT, HYPER
 
 NAME = "optim_gpu"
-HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 WARMUP_STEPS = 3
 TIMED_STEPS = 20
 COPY_BYTES = 2 << 30  # each copy reads and writes 2 GiB
 TARGET_OF_BOUND = 0.8
-EFFLLM_8BIT = "effllm AdamW8bit"
-BNB_8BIT = "bitsandbytes AdamW8bit"
 
 
 NUMEL_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -96,10 +94,10 @@ def _optimizer_cases(include_bnb: bool) -> list[tuple[str, torch.dtype, float, C
         try:
             import bitsandbytes as bnb
         except ImportError:
-            cases.append((BNB_8BIT, fp32, 0.0, "not installed"))
+            cases.append((BNB, fp32, 0.0, "not installed"))
         else:
-            cases.append((BNB_8BIT, fp32, step_bytes(4, 4, 1, 256), lambda ps: bnb.optim.AdamW8bit(ps, **HYPER)))
-            cases.append((BNB_8BIT + ", bf16 params", bf16, step_bytes(2, 2, 1, 256),
+            cases.append((BNB, fp32, step_bytes(4, 4, 1, 256), lambda ps: bnb.optim.AdamW8bit(ps, **HYPER)))
+            cases.append((BNB + ", bf16 params", bf16, step_bytes(2, 2, 1, 256),
                           lambda ps: bnb.optim.AdamW8bit(ps, **HYPER)))
     return cases
 
@@ -165,7 +163,7 @@ def markdown(result: dict, info: dict, command: str) -> str:
         [[row["case"], f"{row['ms']:.3f}", f"{row['bytes_per_element']:.3f}", f"{row['gb_per_s']:.0f}",
           f"{row['of_bound']:.0%}"] if "ms" in row else [row["case"], row["error"], "", "", ""] for row in rows])
     verdicts = []
-    own, theirs = by_case.get(EFFLLM_8BIT, {}), by_case.get(BNB_8BIT, {})
+    own, theirs = by_case.get(EFFLLM_8BIT, {}), by_case.get(BNB, {})
     if "ms" in own:
         verdicts.append(f"effllm AdamW8bit at ≥ {TARGET_OF_BOUND:.0%} of the bandwidth bound: "
                         f"{'met' if own['of_bound'] >= TARGET_OF_BOUND else 'NOT met'} ({own['of_bound']:.0%})")

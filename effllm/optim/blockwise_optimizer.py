@@ -188,11 +188,11 @@ class BlockwiseOptimizer(Optimizer):
                                    state.get("absmax1"), state.get("absmax2")))
             bucket.add_counter(state["step"])
             entries.append(plan_entry(param, grad, state, bucket, len(slots) - 1))
+        algorithm = self.algorithm_for(group)
         for (device, bits, blocksize, _), (slots, bucket) in buckets.items():
             qmap1, qmap2 = self._maps_for(bits, device)
-            bucket.launch_plan = plan_update_many(self.algorithm_for(group), slots, qmap1, qmap2, bits,
-                                                  blocksize)
-        return GroupPlan(group, entries, [bucket for _, bucket in buckets.values()], self.algorithm_for(group))
+            bucket.launch_plan = plan_update_many(algorithm, slots, qmap1, qmap2, bits, blocksize)
+        return GroupPlan(group, entries, [bucket for _, bucket in buckets.values()], algorithm)
 
     # --- state_dict ---------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

@@ -135,7 +135,7 @@ def test_gpu_roofline_bytes_and_verdicts():
     assert optim_gpu.step_bytes(2, 2, 1, 256) == 10 + 2 * 2 * 4 / 256
     result = {"copy_gb_per_s": 4000.0, "numel": 1 << 28, "rows": [
         {"case": optim_gpu.EFFLLM_8BIT, "ms": 2.0, "bytes_per_element": 16.06, "gb_per_s": 2000, "of_bound": 0.5},
-        {"case": optim_gpu.BNB_8BIT, "ms": 6.0, "bytes_per_element": 16.06, "gb_per_s": 700, "of_bound": 0.17},
+        {"case": optim_gpu.BNB, "ms": 6.0, "bytes_per_element": 16.06, "gb_per_s": 700, "of_bound": 0.17},
         {"case": "torch AdamW (fused), bf16 params", "error": "RuntimeError: no"}]}
     text = optim_gpu.markdown(result, {"gpu": "Some GPU", "cpu": "x", "logical_cores": 2, "torch_threads": 2,
                                        "torch": "2"}, "pytest")
