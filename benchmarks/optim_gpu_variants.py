@@ -7,6 +7,7 @@ diagnostic one (marked ``diag``, results not exact by design) says what removing
 
     python benchmarks/optim_gpu_variants.py               # needs a CUDA device; about 30 s on an H200
     python benchmarks/optim_gpu_variants.py --numel 64M
+    TRITON_INTERPRET=1 python benchmarks/optim_gpu_variants.py --check-only   # no GPU: does every variant run?
 
 Prints a table (ms, share of the bandwidth bound measured in the same run, exact or not). docs/optim.md, "GPU
 kernel", records what it showed.
@@ -15,6 +16,7 @@ kernel", records what it showed.
 from __future__ import annotations
 
 import argparse
+import os
 import types
 
 import torch
@@ -27,7 +29,8 @@ from effllm.kernels.quant_maps import dynamic_map
 
 from effllm.bench.optim_gpu import copy_bandwidth, median_ms, parse_numel, step_bytes
 
-CHECK_NUMEL = 8 << 20
+CHECK_NUMEL = (8 << 20) + 1031  # a tail block too: whole and masked programs
+CHECK_NUMEL_INTERPRETED = 4 * 256 * 3 + 1031  # --check-only on the CPU (interpreter)
 BYTES_PER_ELEMENT = step_bytes(4, 4, 1, 256)
 
 
@@ -49,8 +52,8 @@ def encode_nothing(x, mid_ptr, n_mid, dynamic_ptr, BITS: tl.constexpr, SEARCH_ST
 
 @triton.jit
 def load_without_gather(state_addr, absmax_addr, qmap_ptr, block, block_mask, offs, mask, byte_offs, byte_mask,
-                        BITS: tl.constexpr):
-    code = tl.load(state_addr.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0).to(tl.int32)
+                        BITS: tl.constexpr, ALIGNED: tl.constexpr):
+    code = tl.load(update._data_pointer(state_addr, tl.uint8, ALIGNED) + offs, mask=mask, other=0).to(tl.int32)
     absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block, mask=block_mask, other=0.0)
     return code.to(tl.float32) * 0.00390625 * absmax[:, None]
 
@@ -58,24 +61,26 @@ def load_without_gather(state_addr, absmax_addr, qmap_ptr, block, block_mask, of
 @triton.jit
 def store_with_reciprocal(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_ptr, block, block_mask, offs, mask,
                           byte_offs, byte_mask, BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
-                          SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
+                          SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr,
+                          ALIGNED: tl.constexpr):
     absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)
     scale = tl.where(absmax > 0, absmax, 1.0)
     code = map_code(new * (1.0 / scale)[:, None], mid_ptr, n_mid, dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
-    tl.store(state_addr.to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=mask)
+    tl.store(update._data_pointer(state_addr, tl.uint8, ALIGNED) + offs, code.to(tl.uint8), mask=mask)
     tl.store(absmax_addr.to(tl.pointer_type(tl.float32)) + block, absmax, mask=block_mask)
 
 
 @triton.jit
 def store_without_reduction(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_ptr, block, block_mask, offs,
                             mask, byte_offs, byte_mask, BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
-                            SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
+                            SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr,
+                            ALIGNED: tl.constexpr):
     """Requantizes against the block's old absmax: no cross-warp maximum (and its barrier) per state."""
     absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block, mask=block_mask, other=1.0)
     scale = tl.where(absmax > 0, absmax, 1.0)
     code = map_code(tl.minimum(tl.maximum(tl.math.div_rn(new, scale[:, None]), -1.0), 1.0), mid_ptr, n_mid,
                          dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
-    tl.store(state_addr.to(tl.pointer_type(tl.uint8)) + offs, code.to(tl.uint8), mask=mask)
+    tl.store(update._data_pointer(state_addr, tl.uint8, ALIGNED) + offs, code.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -92,22 +97,39 @@ def work_row_with_pointers(table_ptr, work_ptr, ROWS: tl.constexpr):
     return row, tl.load(row + update.TABLE_COLS)
 
 
-_WIDE_WORK: dict[int, torch.Tensor] = {}
+_WIDE_WORK: dict[int, update._LaunchTables] = {}
 
 
-def tables_with_pointers(tensors, numels, rows_len, rows, device):
+def tables_with_pointers(tensors, numels, layout, device):
     """``_tables`` with each work row widened to [its parameter's pointer row, first block] (built once)."""
-    table, work = _TABLES(tensors, numels, rows_len, rows, device)
-    if id(work) not in _WIDE_WORK:
-        _WIDE_WORK[id(work)] = torch.cat([table[work[:, 0]], work[:, 1:]], dim=1).contiguous()
-    return table, _WIDE_WORK[id(work)]
+    tables = _TABLES(tensors, numels, layout, device)
+    if id(tables) not in _WIDE_WORK:
+        def widen(work):
+            return torch.cat([tables.pointers[work[:, 0]], work[:, 1:]], dim=1).contiguous()
+
+        _WIDE_WORK[id(tables)] = update._LaunchTables(tables.pointers, widen(tables.whole_work),
+                                                      widen(tables.partial_work), tables.aligned)
+    return _WIDE_WORK[id(tables)]
+
+
+def tables_all_masked(tensors, numels, layout, device):
+    """Every program through the masked path with no alignment hints: the kernel before whole programs."""
+    tables = _TABLES(tensors, numels, layout, device)
+    work = torch.cat([tables.whole_work, tables.partial_work]).contiguous()
+    return update._LaunchTables(tables.pointers, work[:0], work, False)
 
 
 _TABLES = update._tables
 VARIANTS = {
     "searched, 2048/program, 8 warps (before)": dict(searched=True, elements=2048, warps=8),
+    "computed, 256/program, 4 warps, all masked": dict(tables=tables_all_masked),
     "computed, 256/program, 4 warps (now)": dict(),
     "computed, 512/program, 4 warps": dict(elements=512),
+    # One warp per block (8 elements per thread, vector accesses; maxima within a warp):
+    "computed, 256/program, 1 warp": dict(elements=256, warps=1),
+    "computed, 512/program, 2 warps": dict(elements=512, warps=2),
+    "computed, 1024/program, 4 warps": dict(elements=1024, warps=4),
+    "computed, 2048/program, 8 warps": dict(elements=2048, warps=8),
     "diag: no state-value gathers": dict(load=load_without_gather),
     "diag: reciprocal instead of division": dict(store=store_with_reciprocal),
     "diag: no encoding": dict(encode=encode_nothing),
@@ -146,29 +168,61 @@ def restore(saved: dict) -> None:
         setattr(update, name, value)
 
 
-def make_slot(numel: int, seed: int) -> ParamSlot:
-    generator = torch.Generator(device="cuda").manual_seed(seed)
+def make_slot(numel: int, seed: int, device: str = "cuda") -> ParamSlot:
+    generator = torch.Generator(device=device).manual_seed(seed)
     blocks = (numel + 255) // 256
 
     def codes():
-        return torch.randint(0, 256, (numel,), device="cuda", generator=generator, dtype=torch.uint8)
+        return torch.randint(0, 256, (numel,), device=device, generator=generator, dtype=torch.uint8)
 
-    return ParamSlot(torch.randn(numel, device="cuda", generator=generator),
-                     torch.randn(numel, device="cuda", generator=generator) * 1e-2, codes(), codes(),
-                     torch.rand(blocks, device="cuda", generator=generator) * 0.1,
-                     torch.rand(blocks, device="cuda", generator=generator) * 1e-3)
+    return ParamSlot(torch.randn(numel, device=device, generator=generator),
+                     torch.randn(numel, device=device, generator=generator) * 1e-2, codes(), codes(),
+                     torch.rand(blocks, device=device, generator=generator) * 0.1,
+                     torch.rand(blocks, device=device, generator=generator) * 1e-3)
+
+
+def checked_result(checked: ParamSlot, maps, hyper) -> list[torch.Tensor]:
+    """One step of the current variant on a copy of ``checked``: parameter, codes and absmax as bytes."""
+    slot = ParamSlot(*(tensor.clone() for tensor in vars(checked).values()))
+    update.optim_update_many_triton("adamw", [slot], *maps, hyper, 8, 256)
+    return [slot.param.view(torch.uint8), slot.state1, slot.state2, slot.absmax1.view(torch.uint8),
+            slot.absmax2.view(torch.uint8)]
+
+
+def check_only(device: str, hyper: Hyper) -> None:
+    """Every variant on a small parameter, no timing: runs on the CPU under TRITON_INTERPRET=1, so a broken
+    variant shows before a GPU session is spent on it."""
+    maps = (dynamic_map(True, 8, device), dynamic_map(False, 8, device))
+    checked = make_slot(CHECK_NUMEL_INTERPRETED, seed=1, device=device)
+    reference = None
+    for name, spec in VARIANTS.items():
+        saved = apply(spec)
+        try:
+            result = checked_result(checked, maps, hyper)
+        finally:
+            restore(saved)
+        reference = reference or result
+        print(f"{name:48s} exact {all(torch.equal(a, b) for a, b in zip(result, reference))}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", default="256M", type=parse_numel,
                         help="elements of the timed parameter (default 256M = 256 * 2**20)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="run each variant once on a small parameter and say whether it is exact, no timing "
+                             "(on the CPU with TRITON_INTERPRET=1 when there is no GPU)")
     args = parser.parse_args()
+    hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5)
+    if args.check_only:
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("optim_gpu_variants.py --check-only: no GPU here; "
+                             "set TRITON_INTERPRET=1 to run on the CPU")
+        return check_only("cuda" if torch.cuda.is_available() else "cpu", hyper)
     if not torch.cuda.is_available():
         raise SystemExit("optim_gpu_variants.py: no CUDA device is visible here; run it on a machine with a GPU")
     numel = args.numel
     maps = (dynamic_map(True, 8, "cuda"), dynamic_map(False, 8, "cuda"))
-    hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5)
     bound_ms = BYTES_PER_ELEMENT * numel / copy_bandwidth() * 1e3
     timed, checked = make_slot(numel, seed=0), make_slot(CHECK_NUMEL, seed=1)
     reference = None
@@ -178,10 +232,7 @@ def main() -> None:
         try:
             ms = median_ms(lambda: update.optim_update_many_triton("adamw", [timed], *maps, hyper, 8, 256),
                            warmup=2, timed=10)
-            slot = ParamSlot(*(tensor.clone() for tensor in vars(checked).values()))
-            update.optim_update_many_triton("adamw", [slot], *maps, hyper, 8, 256)
-            result = [slot.param.view(torch.uint8), slot.state1, slot.state2, slot.absmax1.view(torch.uint8),
-                      slot.absmax2.view(torch.uint8)]
+            result = checked_result(checked, maps, hyper)
             reference = reference or result
             exact = all(torch.equal(a, b) for a, b in zip(result, reference))
             print(f"{name:44s} {ms:8.3f} {bound_ms / ms:9.1%}  {exact}", flush=True)

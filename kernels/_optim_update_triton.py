@@ -57,6 +57,7 @@ COL_STATE2: tl.constexpr = tl.constexpr(3)
 COL_ABSMAX1: tl.constexpr = tl.constexpr(4)
 COL_ABSMAX2: tl.constexpr = tl.constexpr(5)
 COL_NUMEL: tl.constexpr = tl.constexpr(6)
+DATA_COLS = 4  # param, grad, state1, state2: the pointers whose data is read and written element by element
 TABLE_COLS: tl.constexpr = tl.constexpr(7)
 # Columns of the per-program table (int64): parameter row, first block.
 WORK_COLS: tl.constexpr = tl.constexpr(2)
@@ -75,6 +76,9 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 # 512 in 4 warps 3.80, 2048 in 8 warps 7.87 (docs/optim.md).
 QUANTIZED_ELEMENTS_PER_PROGRAM = 256
 QUANTIZED_MIN_WARPS = 4
+# Bytes every data pointer of a bucket must be a multiple of for the kernel's vectorised path (one 128-bit access).
+ALIGNMENT_BYTES = 16
+ALIGNMENT: tl.constexpr = tl.constexpr(ALIGNMENT_BYTES)
 # Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
 TABLE_CACHE_SIZE = 64
 
@@ -87,19 +91,29 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
+def _data_pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """``address`` (int64, from the pointer table) as a pointer to ``DTYPE``; with ``ALIGNED`` (checked on the
+    host) the compiler is told it is a multiple of ``ALIGNMENT`` bytes, so whole rows load and store as vectors."""
+    pointer = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, ALIGNMENT)
+    return pointer
+
+
+@triton.jit
 def _load_state(
     state_addr, absmax_addr, qmap_ptr,
     block, block_mask,  # [ROWS] int64 block index within the parameter, and whether it exists
     offs,  # [ROWS, TILE] element offsets
     mask,  # [ROWS, TILE]
     byte_offs, byte_mask,  # [ROWS, TILE // 2], used at 4 bits
-    BITS: tl.constexpr,
+    BITS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """The fp32 state values [ROWS, TILE] (0 where masked)."""
     if BITS == 32:
-        value = tl.load(state_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        value = tl.load(_data_pointer(state_addr, tl.float32, ALIGNED) + offs, mask=mask, other=0.0)
     else:
-        codes_ptr = state_addr.to(tl.pointer_type(tl.uint8))
+        codes_ptr = _data_pointer(state_addr, tl.uint8, ALIGNED)
         if BITS == 8:
             code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
         else:
@@ -118,18 +132,18 @@ def _store_state(
     offs, mask,  # [ROWS, TILE]
     byte_offs, byte_mask,  # [ROWS, TILE // 2]
     BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    COMPUTED: tl.constexpr, SIGNED: tl.constexpr,
+    COMPUTED: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Write ``new`` back: fp32 as is, or requantized with each block's fresh absmax."""
     if BITS == 32:
-        tl.store(state_addr.to(tl.pointer_type(tl.float32)) + offs, new, mask=mask)
+        tl.store(_data_pointer(state_addr, tl.float32, ALIGNED) + offs, new, mask=mask)
     else:
         absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)  # [ROWS]
         scale = tl.where(absmax > 0, absmax, 1.0)  # an all-zero block divides by 1
         code = map_code(tl.math.div_rn(new, scale[:, None]), mid_ptr, n_mid, dynamic_ptr,
                         BITS, SEARCH_STEPS, COMPUTED, SIGNED)
         code = tl.where(mask, code, 0)  # the spare nibble of an odd-sized tensor is 0, as in pack_bits_ref
-        codes_ptr = state_addr.to(tl.pointer_type(tl.uint8))
+        codes_ptr = _data_pointer(state_addr, tl.uint8, ALIGNED)
         if BITS == 8:
             tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
         else:
@@ -164,21 +178,30 @@ def _optim_update_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH1: tl.constexpr, SEARCH2: tl.constexpr,
     COMPUTED1: tl.constexpr, SIGNED1: tl.constexpr, COMPUTED2: tl.constexpr, SIGNED2: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every data pointer is a multiple of ALIGNMENT bytes
+    WHOLE: tl.constexpr,  # every program's rows are whole blocks of TILE elements inside their tensor
 ):
     row, first_block = _work_item(table_ptr, work_ptr, ROWS)
     numel = tl.load(row + COL_NUMEL)
     block = first_block + tl.arange(0, ROWS)  # [ROWS]
-    block_mask = block * blocksize < numel
-    block_start = block[:, None] * blocksize  # [ROWS, 1]
     lanes = tl.arange(0, TILE)[None, :]  # [1, TILE]
-    offs = block_start + lanes  # [ROWS, TILE]
-    mask = (lanes < blocksize) & (offs < numel)
     pairs = tl.arange(0, TILE // 2)[None, :]  # [1, TILE // 2]: byte j of a block holds elements 2j, 2j+1
+    if WHOLE:
+        # Masks that are constant along each row, so the compiler may turn a row's accesses into vectors.
+        block_start = block[:, None] * TILE  # [ROWS, 1]
+        block_mask = tl.full((ROWS,), 1, tl.int1)
+        mask = tl.full((ROWS, TILE), 1, tl.int1)
+        byte_mask = tl.full((ROWS, TILE // 2), 1, tl.int1)
+    else:
+        block_start = block[:, None] * blocksize
+        block_mask = block * blocksize < numel
+        mask = (lanes < blocksize) & (block_start + lanes < numel)
+        byte_mask = (2 * pairs < blocksize) & (block_start + 2 * pairs < numel)
+    offs = block_start + lanes  # [ROWS, TILE]
     byte_offs = block_start // 2 + pairs
-    byte_mask = (2 * pairs < blocksize) & (block_start + 2 * pairs < numel)
 
-    param_ptr = tl.load(row + COL_PARAM).to(tl.pointer_type(P_DTYPE))
-    grad_ptr = tl.load(row + COL_GRAD).to(tl.pointer_type(G_DTYPE))
+    param_ptr = _data_pointer(tl.load(row + COL_PARAM), P_DTYPE, ALIGNED)
+    grad_ptr = _data_pointer(tl.load(row + COL_GRAD), G_DTYPE, ALIGNED)
     p_old = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     finite = tl.abs(g) < INF  # false for NaN and +-Inf: those elements keep param and state
@@ -188,11 +211,11 @@ def _optim_update_kernel(
     p = p_old
     if HAS_STATE1:
         m_old = _load_state(tl.load(row + COL_STATE1), tl.load(row + COL_ABSMAX1), qmap1_ptr,
-                            block, block_mask, offs, mask, byte_offs, byte_mask, BITS)
+                            block, block_mask, offs, mask, byte_offs, byte_mask, BITS, ALIGNED)
         m = m_old
     if HAS_STATE2:
         v_old = _load_state(tl.load(row + COL_STATE2), tl.load(row + COL_ABSMAX2), qmap2_ptr,
-                            block, block_mask, offs, mask, byte_offs, byte_mask, BITS)
+                            block, block_mask, offs, mask, byte_offs, byte_mask, BITS, ALIGNED)
         v = v_old
 
     if ALGO == ADAM or ALGO == ADAMW:
@@ -234,16 +257,16 @@ def _optim_update_kernel(
     if HAS_STATE1:
         _store_state(tl.where(finite, m, m_old), tl.load(row + COL_STATE1), tl.load(row + COL_ABSMAX1),
                      mid1_ptr, n_mid1, dynamic1_ptr, block, block_mask, offs, mask, byte_offs, byte_mask,
-                     BITS, ROWS, TILE, SEARCH1, COMPUTED1, SIGNED1)
+                     BITS, ROWS, TILE, SEARCH1, COMPUTED1, SIGNED1, ALIGNED)
     if HAS_STATE2:
         _store_state(tl.where(finite, v, v_old), tl.load(row + COL_STATE2), tl.load(row + COL_ABSMAX2),
                      mid2_ptr, n_mid2, dynamic2_ptr, block, block_mask, offs, mask, byte_offs, byte_mask,
-                     BITS, ROWS, TILE, SEARCH2, COMPUTED2, SIGNED2)
+                     BITS, ROWS, TILE, SEARCH2, COMPUTED2, SIGNED2, ALIGNED)
 
 
 # --- host side --------------------------------------------------------------------------------------------
 
-_table_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_table_cache: OrderedDict[tuple, _LaunchTables] = OrderedDict()
 
 
 def _address(tensor: torch.Tensor | None) -> int:
@@ -284,42 +307,6 @@ def _check_slot(slot: ParamSlot, algo: str, bits: int, blocksize: int) -> None:
             raise ValueError(f"absmax{index} must be fp32 with {num_blocks(numel, blocksize)} elements")
 
 
-def _tables(tensors: Sequence[tuple], numels: Sequence[int], rows_len: int, rows: int, device: torch.device):
-    """(pointer table [nparams, TABLE_COLS], work table [nprograms, WORK_COLS]) on ``device``, cached."""
-    key = (device, rows_len, rows, tuple(tuple(_address(t) for t in row) for row in tensors), tuple(numels))
-    cached = _table_cache.get(key)
-    if cached is not None:
-        _table_cache.move_to_end(key)
-        return cached
-    table = torch.tensor([[_address(t) for t in row] + [n] for row, n in zip(tensors, numels)], dtype=torch.int64)
-    programs = torch.tensor([triton.cdiv(num_blocks(n, rows_len), rows) for n in numels], dtype=torch.int64)
-    param_row = torch.repeat_interleave(torch.arange(len(numels)), programs)  # [nprograms]
-    first_program = torch.cumsum(programs, 0) - programs  # [nparams]
-    first_block = (torch.arange(param_row.numel()) - first_program[param_row]) * rows
-    work = torch.stack([param_row, first_block], dim=1)
-    if device.type == "cuda":  # upload asynchronously from pinned memory: no wait on the device
-        table, work = table.pin_memory(), work.pin_memory()
-    cached = (table.to(device, non_blocking=True), work.to(device, non_blocking=True))
-    _table_cache[key] = cached
-    if len(_table_cache) > TABLE_CACHE_SIZE:
-        _table_cache.popitem(last=False)
-    return cached
-
-
-def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torch.Tensor) -> tuple[list, dict]:
-    """The kernel's arguments for one state's map: (map, midpoints, number of midpoints, DynamicCodes table)
-    and its constexprs (search steps, whether codes are computed, signed); placeholders at 32 bits."""
-    if qmap is None:
-        return [placeholder, placeholder, 0, placeholder], dict(SEARCH=0, COMPUTED=False, SIGNED=False)
-    table = qmap.to(device=device, dtype=torch.float32).contiguous()
-    midpoints = map_midpoints(table).contiguous()
-    codes = codes_for_kernels(qmap, device)
-    tables = [codes.table if codes is not None else placeholder]
-    constexprs = dict(SEARCH=search_steps(table.numel()), COMPUTED=codes is not None,
-                      SIGNED=codes is not None and codes.signed)
-    return [table, midpoints, midpoints.numel(), *tables], constexprs
-
-
 @dataclass(frozen=True)
 class _Layout:
     """How the kernel cuts the work: rows of ``rows_len`` elements, ``rows`` of them per program."""
@@ -344,21 +331,86 @@ def _layout(bits: int, blocksize: int) -> _Layout:
     return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)))
 
 
-def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, table: torch.Tensor, work: torch.Tensor, maps: tuple,
+@dataclass(frozen=True)
+class _LaunchTables:
+    """What a bucket's launches read, on the device: the pointer table [nparams, TABLE_COLS] and two work tables
+    [nprograms, WORK_COLS], one for the programs whose rows are all whole blocks inside their tensor (the
+    kernel's mask-free copy, launched with WHOLE) and one for the rest (at most one program per tensor, its
+    last); and whether every data pointer (parameter, gradient, states) is a multiple of ALIGNMENT bytes, which
+    the vectorised accesses need (fresh CUDA allocations are; a view at an odd offset may not be)."""
+
+    pointers: torch.Tensor
+    whole_work: torch.Tensor
+    partial_work: torch.Tensor
+    aligned: bool
+
+
+def _work_table(first_program: Sequence[int], end_program: Sequence[int], rows: int) -> torch.Tensor:
+    """Rows (parameter index, first block) for programs ``first_program[i] <= k < end_program[i]`` of each
+    parameter ``i``, program ``k`` starting at block ``k * rows`` (vectorised: a large model has millions)."""
+    first = torch.tensor(first_program, dtype=torch.int64)
+    counts = torch.tensor(end_program, dtype=torch.int64) - first  # [nparams]
+    param_row = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # [nprograms]
+    before = torch.cumsum(counts, 0) - counts  # programs of the parameters before each one
+    program = torch.arange(param_row.numel()) - before[param_row] + first[param_row]
+    return torch.stack([param_row, program * rows], dim=1)
+
+
+def _tables(tensors: Sequence[tuple], numels: Sequence[int], layout: _Layout, device: torch.device) -> _LaunchTables:
+    """The launch tables of ``tensors`` (rows of param, grad, state1, state2, absmax1, absmax2), cached."""
+    key = (device, layout, tuple(tuple(_address(t) for t in row) for row in tensors), tuple(numels))
+    cached = _table_cache.get(key)
+    if cached is not None:
+        _table_cache.move_to_end(key)
+        return cached
+    aligned = all(_address(t) % ALIGNMENT_BYTES == 0 for row in tensors for t in row[:DATA_COLS])
+    table = torch.tensor([[_address(t) for t in row] + [n] for row, n in zip(tensors, numels)], dtype=torch.int64)
+    programs = [triton.cdiv(num_blocks(n, layout.rows_len), layout.rows) for n in numels]
+    # Whole programs: rows of exactly TILE elements (blocks of a power-of-two size), all inside the tensor.
+    whole = [n // (layout.tile * layout.rows) if layout.rows_len == layout.tile else 0 for n in numels]
+    tables = [table, _work_table([0] * len(numels), whole, layout.rows), _work_table(whole, programs, layout.rows)]
+    if device.type == "cuda":  # upload asynchronously from pinned memory: no wait on the device
+        tables = [t.pin_memory() for t in tables]
+    cached = _LaunchTables(*(t.to(device, non_blocking=True) for t in tables), aligned)
+    _table_cache[key] = cached
+    if len(_table_cache) > TABLE_CACHE_SIZE:
+        _table_cache.popitem(last=False)
+    return cached
+
+
+def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torch.Tensor) -> tuple[list, dict]:
+    """The kernel's arguments for one state's map: (map, midpoints, number of midpoints, DynamicCodes table)
+    and its constexprs (search steps, whether codes are computed, signed); placeholders at 32 bits."""
+    if qmap is None:
+        return [placeholder, placeholder, 0, placeholder], dict(SEARCH=0, COMPUTED=False, SIGNED=False)
+    table = qmap.to(device=device, dtype=torch.float32).contiguous()
+    midpoints = map_midpoints(table).contiguous()
+    codes = codes_for_kernels(qmap, device)
+    tables = [codes.table if codes is not None else placeholder]
+    constexprs = dict(SEARCH=search_steps(table.numel()), COMPUTED=codes is not None,
+                      SIGNED=codes is not None and codes.signed)
+    return [table, midpoints, midpoints.numel(), *tables], constexprs
+
+
+def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTables, maps: tuple,
             has_states: tuple[bool, bool], p_dtype: torch.dtype, g_dtype: torch.dtype, device: torch.device) -> None:
-    """One launch over the parameters of ``table``; ``maps`` is ``_map_args`` of each state."""
+    """The launches over the parameters of ``tables`` (whole programs, then the others); ``maps`` is
+    ``_map_args`` of each state."""
     (args1, const1), (args2, const2) = maps
     with on_device(device):
-        _optim_update_kernel[(work.shape[0],)](
-            table, work, *args1, *args2, **kernel_scalars(h), blocksize=layout.rows_len,
-            ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
-            WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
-            MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
-            ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
-            COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
-            COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"],
-            num_warps=layout.num_warps, enable_fp_fusion=False,
-        )
+        for work, whole in ((tables.whole_work, True), (tables.partial_work, False)):
+            if work.shape[0] == 0:
+                continue
+            _optim_update_kernel[(work.shape[0],)](
+                tables.pointers, work, *args1, *args2, **kernel_scalars(h), blocksize=layout.rows_len,
+                ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
+                WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
+                MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
+                ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
+                COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
+                COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"], ALIGNED=tables.aligned, WHOLE=whole,
+                num_warps=layout.num_warps, enable_fp_fusion=False,
+            )
 
 
 def _check_arguments(algo: str, bits: int, blocksize: int) -> None:
@@ -411,11 +463,10 @@ def optim_update_many_triton(
         params = [s.param.detach() if s.param.is_contiguous() else s.param.detach().contiguous() for s in bucket]
         grads = [s.grad.contiguous() for s in bucket]
         tensors = [(p, g, s.state1, s.state2, s.absmax1, s.absmax2) for p, g, s in zip(params, grads, bucket)]
-        table, work = _tables(tensors, [p.numel() for p in params], layout.rows_len, layout.rows, device)
-        maps = (_map_args(qmap1 if not no_state1 else None, device, table),
-                _map_args(qmap2 if not no_state2 else None, device, table))
-        _launch(algo, bits, hyper, layout, table, work, maps, (not no_state1, not no_state2), p_dtype, g_dtype,
-                device)
+        tables = _tables(tensors, [p.numel() for p in params], layout, device)
+        maps = (_map_args(qmap1 if not no_state1 else None, device, tables.pointers),
+                _map_args(qmap2 if not no_state2 else None, device, tables.pointers))
+        _launch(algo, bits, hyper, layout, tables, maps, (not no_state1, not no_state2), p_dtype, g_dtype, device)
         for slot, work_copy in zip(bucket, params):
             if work_copy.data_ptr() != slot.param.data_ptr():
                 slot.param.detach().copy_(work_copy)
@@ -475,7 +526,6 @@ class TritonUpdatePlan(UpdatePlan):
             slots = [self.slots[index] for index in bucket.indices]
             tensors = [(s.param.detach(), grads[index], s.state1, s.state2, s.absmax1, s.absmax2)
                        for index, s in zip(bucket.indices, slots)]
-            table, work = _tables(tensors, [s.param.numel() for s in slots], self.layout.rows_len, self.layout.rows,
-                                  bucket.device)
-            _launch(self.algo, self.bits, hyper, self.layout, table, work, bucket.maps, bucket.has_states,
+            tables = _tables(tensors, [s.param.numel() for s in slots], self.layout, bucket.device)
+            _launch(self.algo, self.bits, hyper, self.layout, tables, bucket.maps, bucket.has_states,
                     bucket.p_dtype, bucket.g_dtype, bucket.device)

@@ -277,7 +277,57 @@ def test_triton_updates_a_group_in_one_launch_per_dtype(triton_device, monkeypat
     slots = _slots("adam", setup, [(300,), (1,), (513,)], torch.float32, device)
     slots += _slots("adam", setup, [(257,), (2,)], torch.bfloat16, device, seed=1)
     _compare_steps(setup, slots, steps=(1,))
-    assert counter.launches == 2  # one per parameter dtype, whatever the number of tensors
+    # Two per parameter dtype, whatever the number of tensors: the programs of whole blocks, then the tails.
+    assert counter.launches == 4
+
+
+@pytest.mark.parametrize("bits,blocksize", [(8, 256), (4, 128), (32, 0), (8, 200)])
+def test_triton_work_tables_cover_every_block_once(triton_device, bits, blocksize):
+    """Whole programs (rows of TILE elements, all inside the tensor) and the others: every block of every
+    tensor in exactly one program, and (blocks of a power-of-two size) at most one program per tensor outside
+    the whole ones."""
+    from effllm.kernels import _optim_update_triton as update
+
+    layout = update._layout(bits, blocksize)
+    numels = [1, layout.rows_len, layout.rows_len * layout.rows, layout.rows_len * layout.rows * 3 + 7, 4097]
+    tensors = [(torch.empty(n, device=triton_device),) * 2 + (None,) * 4 for n in numels]
+    tables = update._tables(tensors, numels, layout, torch.device(triton_device))
+    covered = {}
+    for work, whole in ((tables.whole_work, True), (tables.partial_work, False)):
+        for param, first_block in work.tolist():
+            for block in range(first_block, first_block + layout.rows):
+                if block * layout.rows_len < numels[param]:
+                    assert (param, block) not in covered
+                    covered[param, block] = whole
+            if whole:
+                assert layout.rows_len == layout.tile
+                assert (first_block + layout.rows) * layout.tile <= numels[param]
+    assert set(covered) == {(i, b) for i, n in enumerate(numels) for b in range(-(-n // layout.rows_len))}
+    if layout.rows_len != layout.tile:  # blocks of 200 in tiles of 256: every row keeps its masks
+        assert len(tables.whole_work) == 0
+    else:
+        assert len(tables.whole_work) == sum(n // (layout.tile * layout.rows) for n in numels)
+        assert len(tables.partial_work) <= len(numels)
+
+
+def test_triton_alignment_flag_and_unaligned_views(triton_device, monkeypatch):
+    """The vectorised accesses are enabled only when every data pointer is 16-byte aligned; a parameter that
+    is a view at an odd offset turns them off and is updated like any other."""
+    from effllm.kernels import _optim_update_triton as update
+
+    monkeypatch.setenv("EFFLLM_KERNEL", "triton")
+    layout = update._layout(8, 256)
+    storage = torch.zeros(4097 + 1, device=triton_device)
+    for view, aligned in ((storage[:4097], True), (storage[1:], False)):
+        tables = update._tables([(view, view, None, None, None, None)], [view.numel()], layout, view.device)
+        assert tables.aligned is aligned
+
+    setup = _setup("adamw", 8, triton_device)
+    slots = _slots("adamw", setup, [(4097,)], torch.float32, triton_device)
+    backing = torch.empty(4097 + 1, device=triton_device)
+    backing[1:] = slots[0].param
+    slots[0].param = backing[1:]  # 4 bytes past an aligned address
+    _compare_steps(setup, slots, steps=(1, 2))
 
 
 @pytest.mark.gpu

@@ -1,0 +1,161 @@
+"""Compile the Triton kernels for NVIDIA GPUs on a machine without one, and report what the compiler made.
+
+The interpreter (``TRITON_INTERPRET=1``) runs a kernel's Python, not the compiler: layouts, vectorised accesses,
+register allocation and spills only show when Triton lowers the kernel to PTX and ``ptxas`` assembles it.
+Triton's Linux wheels carry ``ptxas`` and ``cuobjdump``, so this runs anywhere:
+
+    python -m effllm.kernels.offline_compile            # the optimizer update's launch configurations, sm_90
+    python -m effllm.kernels.offline_compile --json     # the same as JSON (tests/kernels/test_triton_compile.py)
+
+Registers and instruction counts say nothing of time on their own; they are what to look at between two
+measurements on a GPU (a kernel that spills, or whose loads stay scalar, is the first suspect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _optim_update_triton as update
+from .optim_update import ALGORITHMS
+
+HOPPER, AMPERE = 90, 80
+WARP_SIZE = 32
+FLOAT = "fp32"
+# The update kernel's runtime arguments as the launcher passes them (tensors are pointers).
+UPDATE_ARGUMENT_TYPES = dict(
+    table_ptr="*i64", work_ptr="*i64", qmap1_ptr="*fp32", mid1_ptr="*fp32", n_mid1="i32", dynamic1_ptr="*fp32",
+    qmap2_ptr="*fp32", mid2_ptr="*fp32", n_mid2="i32", dynamic2_ptr="*fp32", lr=FLOAT, beta1=FLOAT, beta2=FLOAT,
+    eps=FLOAT, weight_decay=FLOAT, one_minus_beta1=FLOAT, one_minus_beta2=FLOAT, one_minus_dampening=FLOAT,
+    decay_factor=FLOAT, step_size=FLOAT, bias_correction2_sqrt=FLOAT, blocksize="i32")
+_VECTOR_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.\w+)*\.v[24]\b")
+_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")  # after an address, a predicate
+
+
+class OfflineCompileError(RuntimeError):
+    """The kernels cannot be compiled here (interpreter mode, or a Triton without its NVIDIA backend)."""
+
+
+def _tools_dir() -> Path:
+    return Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
+
+
+def check_available() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise OfflineCompileError("TRITON_INTERPRET=1 makes every kernel an interpreted function; unset it")
+    if not (_tools_dir() / "ptxas").exists():
+        raise OfflineCompileError(f"no ptxas in {_tools_dir()}: this Triton build has no NVIDIA backend")
+
+
+def compile_for(kernel, argument_types: dict, constexprs: dict, num_warps: int, capability: int = HOPPER):
+    """``kernel`` (a ``@triton.jit`` function) compiled to a cubin for an NVIDIA GPU of compute ``capability``."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {name: "constexpr" if name in constexprs else argument_types[name] for name in names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", capability, WARP_SIZE),
+                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+
+@dataclass(frozen=True)
+class CompiledReport:
+    """What ``ptxas`` made of one configuration (counts are static: every instruction of the kernel once)."""
+
+    label: str
+    registers: int
+    spill_bytes: int  # local memory per thread: registers that did not fit
+    shared_bytes: int
+    instructions: int
+    vector_accesses: int  # global loads and stores of 2 or 4 elements per instruction, in the PTX
+
+
+def report(label: str, compiled) -> CompiledReport:
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(_tools_dir() / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(_tools_dir() / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|LOCAL|SHARED):(\d+)", usage))
+    opcodes = collections.Counter(match.group(1) for match in _SASS_OPCODE.finditer(sass))
+    opcodes.pop("NOP", None)
+    return CompiledReport(label, int(fields.get("REG", 0)), int(fields.get("LOCAL", 0)), int(fields.get("SHARED", 0)),
+                          sum(opcodes.values()), len(_VECTOR_ACCESS.findall(compiled.asm["ptx"])))
+
+
+def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, aligned: bool, p_dtype=tl.float32,
+                      rows: int | None = None, num_warps: int | None = None) -> tuple[dict, int]:
+    """The update kernel's constexprs and warps as ``_optim_update_triton._launch`` sets them (dynamic maps at 8
+    bits, as the optimizers use them), or with ``rows`` blocks per program in ``num_warps`` warps."""
+    layout = update._layout(bits, blocksize)
+    num_warps = num_warps or layout.num_warps
+    quantized = bits != 32
+    constexprs = dict(
+        ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=True, HAS_STATE2=update.STATES[algo][1],
+        WEIGHT_DECAY=True, NESTEROV=False, FIRST_STEP=False, MAXIMIZE=False, P_DTYPE=p_dtype, G_DTYPE=p_dtype,
+        ROWS=rows or layout.rows, TILE=layout.tile, SEARCH1=8 if quantized else 0, SEARCH2=8 if quantized else 0,
+        COMPUTED1=bits == 8, SIGNED1=bits == 8, COMPUTED2=bits == 8, SIGNED2=False, ALIGNED=aligned, WHOLE=whole)
+    return constexprs, num_warps
+
+
+# (label, algorithm, state bits, blocksize, parameter dtype)
+UPDATE_CASES = [("adamw 8-bit fp32", "adamw", 8, 256, tl.float32), ("adamw 8-bit bf16", "adamw", 8, 256, tl.bfloat16),
+                ("adam 4-bit fp32", "adam", 4, 128, tl.float32), ("lion 32-bit fp32", "lion", 32, 0, tl.float32)]
+PATHS = [("masked", False, False), ("whole", True, False), ("whole+aligned", True, True)]
+# Other layouts of the 8-bit AdamW program (blocks per program, warps), timed in benchmarks/optim_gpu_variants.py:
+# one warp per block holds 8 elements per thread, so a block's maxima need no shared memory.
+LAYOUTS = [(1, 1), (2, 2), (4, 4), (8, 8), (4, 2)]
+
+
+def update_reports(capability: int = HOPPER) -> list[CompiledReport]:
+    """Every path of the update kernel for each case in ``UPDATE_CASES``, at the launcher's layout."""
+    check_available()
+    reports = []
+    for case_label, algo, bits, blocksize, p_dtype in UPDATE_CASES:
+        for path_label, whole, aligned in PATHS:
+            constexprs, num_warps = update_constexprs(algo, bits, blocksize, whole=whole, aligned=aligned,
+                                                      p_dtype=p_dtype)
+            compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps,
+                                   capability)
+            reports.append(report(f"{case_label}, {path_label}, {num_warps} warps", compiled))
+    for rows, num_warps in LAYOUTS:
+        constexprs, _ = update_constexprs("adamw", 8, 256, whole=True, aligned=True, rows=rows, num_warps=num_warps)
+        compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps, capability)
+        reports.append(report(f"adamw 8-bit fp32, whole+aligned, {rows * 256}/program, {num_warps} warps", compiled))
+    return reports
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--capability", type=int, default=HOPPER, help="compute capability (default 90: H100/H200)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        reports = update_reports(args.capability)
+    except OfflineCompileError as error:
+        raise SystemExit(f"offline_compile: {error}") from None
+    if args.json:
+        print(json.dumps([asdict(r) for r in reports]))
+        return
+    print(f"| optimizer update (sm_{args.capability}) | registers | spill bytes | instructions | vector accesses |")
+    print("|---|---|---|---|---|")
+    for r in reports:
+        print(f"| {r.label} | {r.registers} | {r.spill_bytes} | {r.instructions} | {r.vector_accesses} |")
+
+
+if __name__ == "__main__":
+    main()
