@@ -45,7 +45,7 @@ def rejit(function, **globals_override):
 
 
 @triton.jit
-def encode_nothing(x, mid_ptr, n_mid, dynamic_ptr, BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+def encode_nothing(x, mid_ptr, n_mid, BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                    COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
     return (x * 100.0 + 128.0).to(tl.int32) & 255
 
@@ -59,19 +59,7 @@ def load_without_gather(state_addr, absmax_addr, qmap_ptr, block, block_mask, of
 
 
 @triton.jit
-def store_with_reciprocal(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_ptr, block, block_mask, offs, mask,
-                          byte_offs, byte_mask, BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
-                          SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr,
-                          ALIGNED: tl.constexpr):
-    absmax = tl.max(tl.where(mask, tl.abs(new), 0.0), axis=1)
-    scale = tl.where(absmax > 0, absmax, 1.0)
-    code = map_code(new * (1.0 / scale)[:, None], mid_ptr, n_mid, dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
-    tl.store(update._data_pointer(state_addr, tl.uint8, ALIGNED) + offs, code.to(tl.uint8), mask=mask)
-    tl.store(absmax_addr.to(tl.pointer_type(tl.float32)) + block, absmax, mask=block_mask)
-
-
-@triton.jit
-def store_without_reduction(new, state_addr, absmax_addr, mid_ptr, n_mid, dynamic_ptr, block, block_mask, offs,
+def store_without_reduction(new, state_addr, absmax_addr, mid_ptr, n_mid, block, block_mask, offs,
                             mask, byte_offs, byte_mask, BITS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
                             SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr,
                             ALIGNED: tl.constexpr):
@@ -79,7 +67,7 @@ def store_without_reduction(new, state_addr, absmax_addr, mid_ptr, n_mid, dynami
     absmax = tl.load(absmax_addr.to(tl.pointer_type(tl.float32)) + block, mask=block_mask, other=1.0)
     scale = tl.where(absmax > 0, absmax, 1.0)
     code = map_code(tl.minimum(tl.maximum(tl.math.div_rn(new, scale[:, None]), -1.0), 1.0), mid_ptr, n_mid,
-                         dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
+                         BITS, SEARCH_STEPS, COMPUTED, SIGNED)
     tl.store(update._data_pointer(state_addr, tl.uint8, ALIGNED) + offs, code.to(tl.uint8), mask=mask)
 
 
@@ -131,9 +119,8 @@ VARIANTS = {
     "computed, 1024/program, 4 warps": dict(elements=1024, warps=4),
     "computed, 2048/program, 8 warps": dict(elements=2048, warps=8),
     "diag: no state-value gathers": dict(load=load_without_gather),
-    "diag: reciprocal instead of division": dict(store=store_with_reciprocal),
     "diag: no encoding": dict(encode=encode_nothing),
-    "diag: all three": dict(encode=encode_nothing, load=load_without_gather, store=store_with_reciprocal),
+    "diag: neither gathers nor encoding": dict(encode=encode_nothing, load=load_without_gather),
     # The work table is read before anything else: what does that dependent load cost a program?
     "diag: no work-table load (one parameter)": dict(work=work_from_program_id),
     "diag: no absmax reductions": dict(store=store_without_reduction),

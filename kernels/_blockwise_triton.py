@@ -60,12 +60,12 @@ def nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS: tl.constexpr):
 
 
 @triton.jit
-def map_code(x, mid_ptr, n_mid, dynamic_ptr,
+def map_code(x, mid_ptr, n_mid,
              BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
-    """The nearest map entry of each normalised value: computed for a dynamic map (``dynamic_ptr`` its
-    ``DynamicCodes`` table, see ``dynamic_codes.codes_for_kernels``), else searched for."""
+    """The nearest map entry of each normalised value: computed for a verified dynamic map (``COMPUTED``, see
+    ``dynamic_codes.codes_for_kernels``), else searched for."""
     if COMPUTED:
-        return dynamic_encode(x, dynamic_ptr, mid_ptr, BITS, SIGNED)
+        return dynamic_encode(x, mid_ptr, BITS, SIGNED)
     else:
         return nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS)
 
@@ -97,7 +97,6 @@ def _quantize_blockwise_kernel(
     numel,
     nblocks,
     blocksize,
-    dynamic_ptr,  # the map's DynamicCodes table, read when COMPUTED
     ROWS: tl.constexpr,  # blocks per program
     TILE: tl.constexpr,  # power of two >= blocksize, or MAX_TILE for longer blocks
     SEARCH_STEPS: tl.constexpr,
@@ -124,7 +123,7 @@ def _quantize_blockwise_kernel(
         offs = row_start + in_block
         mask = (in_block < blocksize) & (offs < numel)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        code = map_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, dynamic_ptr, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
+        code = map_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
         tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax, mask=block < nblocks)
 
@@ -181,7 +180,6 @@ def quantize_blockwise_triton(
     with on_device(x.device):
         _quantize_blockwise_kernel[(triton.cdiv(nblocks, rows),)](
             flat, codes, absmax, midpoints, midpoints.numel(), numel, nblocks, blocksize,
-            dynamic.table if dynamic is not None else midpoints,
             ROWS=rows, TILE=tile, SEARCH_STEPS=search_steps(qmap.numel()),
             COMPUTED=dynamic is not None, BITS=dynamic.bits if dynamic is not None else 0,
             SIGNED=dynamic is not None and dynamic.signed, num_warps=num_warps_for(rows * tile),

@@ -1,9 +1,10 @@
 """Triton side of ``dynamic_codes``: the nearest code of the dynamic map computed rather than searched for (the
 spec is ``dynamic_codes.encode_ref``, itself checked against ``torch.bucketize``).
 
-Kernels pass the ``DynamicCodes`` table, the map's midpoints and its ``bits``/``signed`` as constexprs. The
-table's gathers read at most 7 entries (one cache line whatever the values); the one gather from the midpoints
-replaces the eight dependent ones of ``_blockwise_triton.nearest_code``.
+Kernels pass the map's midpoints and its ``bits``/``signed`` as constexprs. Each level's threshold, slope and offset
+are compile-time constants (``level_parameters``, computed as ``dynamic_codes._build`` computes its table; a test
+compares the two), so the level costs a comparison and two selects per element and no memory reads; the one gather
+from the midpoints replaces the eight dependent ones of ``_blockwise_triton.nearest_code``.
 """
 
 from __future__ import annotations
@@ -11,15 +12,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dynamic_codes import COL_OFFSET, COL_SLOPE, COL_THRESHOLD, LEVELS_CAPACITY
+from .quant_maps import _DECADE_LOW
 
-_THRESHOLD: tl.constexpr = tl.constexpr(COL_THRESHOLD * LEVELS_CAPACITY)
-_SLOPE: tl.constexpr = tl.constexpr(COL_SLOPE * LEVELS_CAPACITY)
-_OFFSET: tl.constexpr = tl.constexpr(COL_OFFSET * LEVELS_CAPACITY)
+DECADE_LOW: tl.constexpr = tl.constexpr(_DECADE_LOW)
 
 
 @triton.jit
-def dynamic_encode(x, table_ptr, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
+def level_parameters(LEVEL: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """(threshold, slope, offset) of level ``LEVEL`` of ``dynamic_map(SIGNED, BITS)`` as fp32 scalars: the entries
+    of ``DynamicCodes.table``, the same Python float arithmetic evaluated at compile time, then rounded to fp32."""
+    bins: tl.constexpr = 2 ** (LEVEL + 1 - SIGNED)  # 2**level values per sign (signed), 2**(level + 1) unsigned
+    below: tl.constexpr = 2 ** (LEVEL + 1 - SIGNED) - 2 ** (1 - SIGNED)  # values of the levels under this one
+    zero: tl.constexpr = SIGNED * (2 ** (BITS - 1) - 1)  # the code of 0
+    scale: tl.constexpr = 10.0 ** (LEVEL - (BITS - 1) + 1)
+    width: tl.constexpr = (1.0 - DECADE_LOW) / bins
+    threshold = tl.full((), DECADE_LOW * scale, tl.float32)
+    slope = tl.full((), 1.0 / (scale * width), tl.float32)
+    offset = tl.full((), DECADE_LOW / width - (zero + 1 + below), tl.float32)
+    return threshold, slope, offset
+
+
+@triton.jit
+def dynamic_encode(x, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
     """The nearest code (int32) of each fp32 ``x``, as ``torch.bucketize(x, midpoints)``: the value's position
     within its level puts the code at ``candidate - 1`` or ``candidate``; the midpoint between them decides."""
     top = (1 << BITS) - 1
@@ -27,10 +41,14 @@ def dynamic_encode(x, table_ptr, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constex
         magnitude = tl.abs(x)
     else:
         magnitude = x
-    level = tl.zeros(x.shape, dtype=tl.int32)
-    for candidate_level in tl.static_range(1, BITS - 1):
-        level += (magnitude >= tl.load(table_ptr + _THRESHOLD + candidate_level)).to(tl.int32)
-    position = magnitude * tl.load(table_ptr + _SLOPE + level) - tl.load(table_ptr + _OFFSET + level)
+    # The level's slope and offset: level 0's, replaced by each higher level's where the value reaches it.
+    _, slope, offset = level_parameters(0, BITS, SIGNED)
+    for level in tl.static_range(1, BITS - 1):
+        threshold, level_slope, level_offset = level_parameters(level, BITS, SIGNED)
+        above = magnitude >= threshold
+        slope = tl.where(above, level_slope, slope)
+        offset = tl.where(above, level_offset, offset)
+    position = magnitude * slope - offset
     if SIGNED:
         position = tl.where(x < 0, top - position, position)
     position = tl.where(position == position, position, 0.0)  # NaN: any candidate, its code is set below

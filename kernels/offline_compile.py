@@ -37,8 +37,8 @@ WARP_SIZE = 32
 FLOAT = "fp32"
 # The update kernel's runtime arguments as the launcher passes them (tensors are pointers).
 UPDATE_ARGUMENT_TYPES = dict(
-    table_ptr="*i64", work_ptr="*i64", qmap1_ptr="*fp32", mid1_ptr="*fp32", n_mid1="i32", dynamic1_ptr="*fp32",
-    qmap2_ptr="*fp32", mid2_ptr="*fp32", n_mid2="i32", dynamic2_ptr="*fp32", lr=FLOAT, beta1=FLOAT, beta2=FLOAT,
+    table_ptr="*i64", work_ptr="*i64", qmap1_ptr="*fp32", mid1_ptr="*fp32", n_mid1="i32",
+    qmap2_ptr="*fp32", mid2_ptr="*fp32", n_mid2="i32", lr=FLOAT, beta1=FLOAT, beta2=FLOAT,
     eps=FLOAT, weight_decay=FLOAT, one_minus_beta1=FLOAT, one_minus_beta2=FLOAT, one_minus_dampening=FLOAT,
     decay_factor=FLOAT, step_size=FLOAT, bias_correction2_sqrt=FLOAT, blocksize="i32")
 _VECTOR_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.\w+)*\.v[24]\b")

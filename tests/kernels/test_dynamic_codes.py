@@ -11,6 +11,7 @@ import torch
 from effllm.kernels import triton_available
 from effllm.kernels.dynamic_codes import (
     COL_OFFSET,
+    COL_SLOPE,
     COL_THRESHOLD,
     LEVELS_CAPACITY,
     DynamicCodes,
@@ -23,15 +24,28 @@ from effllm.kernels.quant_maps import dynamic_map, linear_map, map_midpoints
 if triton_available():
     import triton
     import triton.language as tl
-    from effllm.kernels._dynamic_codes_triton import dynamic_encode
+    from effllm.kernels._dynamic_codes_triton import dynamic_encode, level_parameters
 
     @triton.jit
-    def _encode_kernel(x_ptr, out_ptr, numel, table_ptr, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr,
+    def _encode_kernel(x_ptr, out_ptr, numel, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr,
                        BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, dynamic_encode(x, table_ptr, mid_ptr, BITS, SIGNED), mask=mask)
+        tl.store(out_ptr + offs, dynamic_encode(x, mid_ptr, BITS, SIGNED), mask=mask)
+
+    _THRESHOLDS: tl.constexpr = tl.constexpr(COL_THRESHOLD * LEVELS_CAPACITY)
+    _SLOPES: tl.constexpr = tl.constexpr(COL_SLOPE * LEVELS_CAPACITY)
+    _OFFSETS: tl.constexpr = tl.constexpr(COL_OFFSET * LEVELS_CAPACITY)
+
+    @triton.jit
+    def _level_parameters_kernel(out_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
+        """The encoder's compile-time constants, laid out as DynamicCodes.table."""
+        for level in tl.static_range(0, BITS - 1):
+            threshold, slope, offset = level_parameters(level, BITS, SIGNED)
+            tl.store(out_ptr + _THRESHOLDS + level, threshold)
+            tl.store(out_ptr + _SLOPES + level, slope)
+            tl.store(out_ptr + _OFFSETS + level, offset)
 
 DYNAMIC_MAPS = [(bits, signed) for bits in range(2, 9) for signed in (True, False)]
 
@@ -83,9 +97,20 @@ def test_triton_encoder_equals_bucketize(triton_device, bits, signed):
     x = probes(qmap, codes)[:30_000] if device == "cpu" else probes(qmap, codes)  # the interpreter is slow
     out = torch.full(x.shape, -1, dtype=torch.int32, device=device)
     block = 1024
-    _encode_kernel[(triton.cdiv(x.numel(), block),)](x.to(device), out, x.numel(), codes.table,
-                                                    midpoints.to(device), bits, signed, block)
+    _encode_kernel[(triton.cdiv(x.numel(), block),)](x.to(device), out, x.numel(), midpoints.to(device), bits,
+                                                    signed, block)
     assert torch.equal(out.cpu().long(), torch.bucketize(x, midpoints))
+
+
+@pytest.mark.parametrize("bits,signed", DYNAMIC_MAPS)
+def test_triton_level_constants_equal_the_verified_table(triton_device, bits, signed):
+    """The kernels' compile-time thresholds, slopes and offsets are the entries ``verify_encode`` checked."""
+    codes = DynamicCodes.for_map(dynamic_map(signed, bits))
+    out = torch.zeros(codes.table.numel(), dtype=torch.float32, device=triton_device)
+    _level_parameters_kernel[(1,)](out, bits, signed)
+    levels = [column * LEVELS_CAPACITY + level for column in (COL_THRESHOLD, COL_SLOPE, COL_OFFSET)
+              for level in range(codes.levels)]
+    assert torch.equal(out.cpu()[levels], codes.table[levels])
 
 
 def test_update_kernel_computes_codes_only_for_large_dynamic_maps():
