@@ -102,11 +102,11 @@ def _exact_quotient(x, divisor, reciprocal):
     select instead of a division's 10-odd each. Requires normal (or zero) ``x`` and ``divisor``, and the residual
     ``x - quotient * divisor`` (about ``x * 2**-24``) to stay a normal number, i.e. ``|x| >= 2**-102``: checked
     against IEEE division over every ``x`` significand of 32 exponents for 300 divisors (8e10 pairs, none
-    differed); a zero comes out as +0. Where the residual is NaN (an infinite ``x`` or divisor) the product alone
-    is the answer, as in the division."""
+    differed); a zero comes out as +0. Where the residual is not finite (an infinite ``x`` or divisor, a
+    quotient that overflows) the product alone is the answer, as in the division."""
     quotient = x * reciprocal
     residual = tl.fma(-quotient, divisor, x)
-    return tl.where(residual == residual, tl.fma(residual, reciprocal, quotient), quotient)
+    return tl.where(tl.abs(residual) < INF, tl.fma(residual, reciprocal, quotient), quotient)
 
 
 @triton.jit

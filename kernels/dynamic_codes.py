@@ -6,8 +6,8 @@ nearest code of a value (``torch.bucketize`` over the map's midpoints) therefore
 from comparisons with one threshold per level, a linear function of the value within its level gives the code
 to within half a code, so the code is ``candidate - 1`` or ``candidate``, and one comparison with the midpoint
 between those two decides. On a GPU this replaces the binary search's eight dependent gathers from a 255-entry
-table (about eight cache lines per warp and step) by two gathers from 7-entry tables (one line) and one from the
-midpoints.
+table (about eight cache lines per warp and step) by one gather from the midpoints; the per-level parameters are
+compile-time constants of the kernel (``_dynamic_codes_triton.level_parameters``, equal to this table's entries).
 
 ``DynamicCodes.for_map`` returns the parameters only for a map equal to ``dynamic_map(signed, bits)`` whose
 computed codes it has verified (``verify_encode``); any other map keeps the searched path. The kernels' float32

@@ -72,17 +72,41 @@ def compile_for(kernel, argument_types: dict, constexprs: dict, num_warps: int, 
 
 @dataclass(frozen=True)
 class CompiledReport:
-    """What ``ptxas`` made of one configuration (counts are static: every instruction of the kernel once)."""
+    """What ``ptxas`` made of one configuration. ``instructions`` counts the whole kernel once; ``common_path``
+    counts what a program runs when no division takes its slow path (the kernel's body up to its exit, less the
+    blocks branched over that call a subroutine), per element of the program: on a GPU whose issue slots are
+    the limit, time per element follows it."""
 
     label: str
     registers: int
     spill_bytes: int  # local memory per thread: registers that did not fit
     shared_bytes: int
     instructions: int
+    common_path_per_element: float
     vector_accesses: int  # global loads and stores of 2 or 4 elements per instruction, in the PTX
 
 
-def report(label: str, compiled) -> CompiledReport:
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_PREDICATED_BRANCH = re.compile(r"@!?U?P\w+\s+BRA\s+(0x[0-9a-f]+)")
+
+
+def common_path_instructions(sass: str) -> int:
+    """Instructions of the kernel's body up to its last exit, less the slow-path blocks: the ones a predicated
+    branch jumps over that contain a call (IEEE division's and square root's rare cases)."""
+    lines = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
+    end = max(address for address, text in lines if text.endswith("EXIT"))
+    body = [(address, text) for address, text in lines if address <= end and not text.startswith("NOP")]
+    skipped: set[int] = set()
+    for address, text in body:
+        branch = _PREDICATED_BRANCH.match(text)
+        if branch:
+            jumped = [a for a, t in body if address < a < int(branch.group(1), 16)]
+            if any("CALL" in t for a, t in body if a in set(jumped)):
+                skipped.update(jumped)
+    return len(body) - len(skipped)
+
+
+def report(label: str, compiled, elements_per_program: int, num_warps: int) -> CompiledReport:
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -93,8 +117,10 @@ def report(label: str, compiled) -> CompiledReport:
     fields = dict(re.findall(r"(REG|LOCAL|SHARED):(\d+)", usage))
     opcodes = collections.Counter(match.group(1) for match in _SASS_OPCODE.finditer(sass))
     opcodes.pop("NOP", None)
+    per_element = round(common_path_instructions(sass) * WARP_SIZE * num_warps / elements_per_program, 1)
+    vectors = len(_VECTOR_ACCESS.findall(compiled.asm["ptx"]))
     return CompiledReport(label, int(fields.get("REG", 0)), int(fields.get("LOCAL", 0)), int(fields.get("SHARED", 0)),
-                          sum(opcodes.values()), len(_VECTOR_ACCESS.findall(compiled.asm["ptx"])))
+                          sum(opcodes.values()), per_element, vectors)
 
 
 def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, aligned: bool, p_dtype=tl.float32,
@@ -118,7 +144,8 @@ UPDATE_CASES = [("adamw 8-bit fp32", "adamw", 8, 256, tl.float32), ("adamw 8-bit
 PATHS = [("masked", False, False), ("whole", True, False), ("whole+aligned", True, True)]
 # Other layouts of the 8-bit AdamW program (blocks per program, warps), timed in benchmarks/optim_gpu_variants.py:
 # one warp per block holds 8 elements per thread, so a block's maxima need no shared memory.
-LAYOUTS = [(1, 1), (2, 2), (4, 4), (8, 8), (4, 2)]
+LAYOUTS = [(1, 1), (2, 4), (2, 2), (4, 4), (8, 8), (4, 2)]
+OTHER_LAYOUT = "other layout: "  # label prefix of those (the rest are the launcher's own layouts)
 
 
 def update_reports(capability: int = HOPPER) -> list[CompiledReport]:
@@ -131,11 +158,14 @@ def update_reports(capability: int = HOPPER) -> list[CompiledReport]:
                                                       p_dtype=p_dtype)
             compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps,
                                    capability)
-            reports.append(report(f"{case_label}, {path_label}, {num_warps} warps", compiled))
+            elements = constexprs["ROWS"] * constexprs["TILE"]
+            reports.append(report(f"{case_label}, {path_label}, {elements}/program, {num_warps} warps", compiled,
+                                  elements, num_warps))
     for rows, num_warps in LAYOUTS:
         constexprs, _ = update_constexprs("adamw", 8, 256, whole=True, aligned=True, rows=rows, num_warps=num_warps)
         compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps, capability)
-        reports.append(report(f"adamw 8-bit fp32, whole+aligned, {rows * 256}/program, {num_warps} warps", compiled))
+        reports.append(report(f"{OTHER_LAYOUT}adamw 8-bit fp32, whole+aligned, {rows * 256}/program, {num_warps} warps",
+                              compiled, rows * 256, num_warps))
     return reports
 
 
@@ -151,10 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps([asdict(r) for r in reports]))
         return
-    print(f"| optimizer update (sm_{args.capability}) | registers | spill bytes | instructions | vector accesses |")
-    print("|---|---|---|---|---|")
+    print(f"| optimizer update (sm_{args.capability}) | registers | spill bytes | instructions | common path per "
+          "element | vector accesses |")
+    print("|---|---|---|---|---|---|")
     for r in reports:
-        print(f"| {r.label} | {r.registers} | {r.spill_bytes} | {r.instructions} | {r.vector_accesses} |")
+        print(f"| {r.label} | {r.registers} | {r.spill_bytes} | {r.instructions} | {r.common_path_per_element} | "
+              f"{r.vector_accesses} |")
 
 
 if __name__ == "__main__":
