@@ -367,8 +367,9 @@ class _LaunchTables:
     """What a bucket's launches read, on the device: the pointer table [nparams, TABLE_COLS] and two work tables
     [nprograms, WORK_COLS], one for the programs whose rows are all whole blocks inside their tensor (the
     kernel's mask-free copy, launched with WHOLE) and one for the rest (a tensor's last program, or all of them
-    when blocks are not a power of two long); and whether every data pointer (parameter, gradient, states) is a multiple of ALIGNMENT bytes, which
-    the vectorised accesses need (fresh CUDA allocations are; a view at an odd offset may not be)."""
+    when blocks are not a power of two long); and whether every data pointer (parameter, gradient, states) is a
+    multiple of ALIGNMENT bytes, which the vectorised accesses need (fresh CUDA allocations are; a view at an odd
+    offset may not be)."""
 
     pointers: torch.Tensor
     whole_work: torch.Tensor

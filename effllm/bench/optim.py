@@ -326,11 +326,11 @@ def markdown(rows: list[dict], info: dict, command: str, device: str = "cpu", pl
         missed = [size_label[count] for count, value in target.ratios.items() if not target.meets(value)]
         verdicts.append(f"{target.verdict}: met at {', '.join(met) or 'no size'}"
                         + (f"; not met at {', '.join(missed)}" if missed else ""))
-    loads = [row["load_average_1m"] for row in rows if row.get("load_average_1m") is not None]
-    load, cores = max(loads, default=None), info.get("logical_cores") or 1
+    # The load when the run started: later samples count the benchmark's own threads (a 1-minute average).
+    load, cores = (rows[0].get("load_average_1m") if rows else None), info.get("logical_cores") or 1
     note = ""
     if load is not None and load > BUSY_LOAD_PER_CORE * cores and not on_gpu:
-        note = (f"Note: measured while other processes kept the machine busy (load average up to {load} on {cores} "
+        note = (f"Note: other processes kept the machine busy when it started (load average {load} on {cores} "
                 "CPUs): multi-threaded times, torch's above all, are inflated and noisy; rerun on a quiet machine "
                 "before trusting a ratio.")
     date = datetime.date.today().isoformat()
