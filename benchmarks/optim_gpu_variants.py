@@ -192,6 +192,31 @@ def check_only(device: str, hyper: Hyper) -> None:
         print(f"{name:48s} exact {all(torch.equal(a, b) for a, b in zip(result, reference))}", flush=True)
 
 
+class RecordingKernel:
+    """Stands in for the update kernel and keeps what each launch compiled (registers and spills per variant)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.compiled = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            compiled = self.kernel[grid](*args, **kwargs)
+            self.compiled.append(compiled)
+            return compiled
+
+        return launch
+
+    def registers(self) -> str:
+        """Registers (and spills) of the kernels launched, e.g. "78" or "40/34" (whole programs, then tails)."""
+        seen = []
+        for compiled in self.compiled:
+            regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", 0)
+            label = "?" if regs is None else f"{regs}" + (f"+{spills} spilled" if spills else "")
+            if label not in seen:
+                seen.append(label)
+        return "/".join(seen) or "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", default="256M", type=parse_numel,
@@ -213,16 +238,17 @@ def main() -> None:
     bound_ms = BYTES_PER_ELEMENT * numel / copy_bandwidth() * 1e3
     timed, checked = make_slot(numel, seed=0), make_slot(CHECK_NUMEL, seed=1)
     reference = None
-    print(f"{'variant':44s} {'ms':>8s} {'of bound':>9s}  exact")
+    print(f"{'variant':48s} {'ms':>8s} {'of bound':>9s}  exact  registers")
     for name, spec in VARIANTS.items():
         saved = apply(spec)
+        recorder = update._optim_update_kernel = RecordingKernel(update._optim_update_kernel)
         try:
             ms = median_ms(lambda: update.optim_update_many_triton("adamw", [timed], *maps, hyper, 8, 256),
                            warmup=2, timed=10)
             result = checked_result(checked, maps, hyper)
             reference = reference or result
             exact = all(torch.equal(a, b) for a, b in zip(result, reference))
-            print(f"{name:44s} {ms:8.3f} {bound_ms / ms:9.1%}  {exact}", flush=True)
+            print(f"{name:48s} {ms:8.3f} {bound_ms / ms:9.1%}  {exact!s:5s}  {recorder.registers()}", flush=True)
         finally:
             restore(saved)
 
