@@ -112,12 +112,13 @@ VARIANTS = {
     "searched, 2048/program, 8 warps (before)": dict(searched=True, elements=2048, warps=8),
     "computed, 256/program, 4 warps, all masked": dict(tables=tables_all_masked),
     "computed, 256/program, 4 warps (now)": dict(),
+    "computed, 256/program, 4 warps, alignment hints": dict(hints=True),
     "computed, 512/program, 4 warps": dict(elements=512),
-    # One warp per block (8 elements per thread, vector accesses; maxima within a warp):
+    # One warp per block (8 elements per thread; maxima within a warp), without and with the alignment hints:
     "computed, 256/program, 1 warp": dict(elements=256, warps=1),
-    "computed, 512/program, 2 warps": dict(elements=512, warps=2),
+    "computed, 256/program, 1 warp, alignment hints": dict(elements=256, warps=1, hints=True),
     "computed, 1024/program, 4 warps": dict(elements=1024, warps=4),
-    "computed, 2048/program, 8 warps": dict(elements=2048, warps=8),
+    "computed, 1024/program, 4 warps, alignment hints": dict(elements=1024, warps=4, hints=True),
     "diag: no state-value gathers": dict(load=load_without_gather),
     "diag: no encoding": dict(encode=encode_nothing),
     "diag: neither gathers nor encoding": dict(encode=encode_nothing, load=load_without_gather),
@@ -127,7 +128,7 @@ VARIANTS = {
     "computed, 256/program, pointers in work rows": dict(work=work_row_with_pointers, tables=tables_with_pointers),
 }
 _SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel",
-             "codes_for_kernels", "_tables")
+             "codes_for_kernels", "_tables", "ALIGNMENT_HINTS")
 
 
 def apply(spec: dict) -> dict:
@@ -142,6 +143,8 @@ def apply(spec: dict) -> dict:
         update.QUANTIZED_MIN_WARPS = spec["warps"]
     if "tables" in spec:
         update._tables = spec["tables"]
+    if "hints" in spec:
+        update.ALIGNMENT_HINTS = spec["hints"]
     if {"encode", "load", "store", "work"} & spec.keys():
         store = rejit(spec.get("store", update._store_state), map_code=spec.get("encode", update.map_code))
         update._optim_update_kernel = rejit(update._optim_update_kernel, _store_state=store,

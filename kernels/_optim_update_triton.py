@@ -84,6 +84,11 @@ QUANTIZED_MIN_WARPS = 4
 # Bytes every data pointer of a bucket must be a multiple of for the kernel's vectorised path (one 128-bit access).
 ALIGNMENT_BYTES = 16
 ALIGNMENT: tl.constexpr = tl.constexpr(ALIGNMENT_BYTES)
+# Whether aligned buckets tell the compiler so (tl.multiple_of). Off until a GPU has timed it: compiled offline for
+# sm_90 at the default layout, Triton 3.6 turns the hints into shared-memory layout conversions (284 instructions
+# per element against 241 without), while Triton 3.9 gains from them at 8 elements per thread (166 against 191);
+# benchmarks/optim_gpu_variants.py times both (docs/optim.md).
+ALIGNMENT_HINTS = False
 # Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
 TABLE_CACHE_SIZE = 64
 
@@ -439,7 +444,8 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTabl
                 MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
                 ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
                 COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
-                COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"], ALIGNED=tables.aligned, WHOLE=whole,
+                COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"], ALIGNED=tables.aligned and ALIGNMENT_HINTS,
+                WHOLE=whole,
                 num_warps=layout.num_warps, enable_fp_fusion=False,
             )
 

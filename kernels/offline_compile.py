@@ -20,6 +20,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,13 +144,14 @@ UPDATE_CASES = [("adamw 8-bit fp32", "adamw", 8, 256, tl.float32), ("adamw 8-bit
                 ("adam 4-bit fp32", "adam", 4, 128, tl.float32), ("lion 32-bit fp32", "lion", 32, 0, tl.float32)]
 PATHS = [("masked", False, False), ("whole", True, False), ("whole+aligned", True, True)]
 # Other layouts of the 8-bit AdamW program (blocks per program, warps), timed in benchmarks/optim_gpu_variants.py:
-# one warp per block holds 8 elements per thread, so a block's maxima need no shared memory.
-LAYOUTS = [(1, 1), (2, 4), (2, 2), (4, 4), (8, 8), (4, 2)]
+# one warp per block (1/1, 4/4) holds 8 elements per thread, so a block's maxima need no shared memory.
+LAYOUTS = [(1, 1), (2, 4), (4, 4)]
 OTHER_LAYOUT = "other layout: "  # label prefix of those (the rest are the launcher's own layouts)
 
 
-def update_reports(capability: int = HOPPER) -> list[CompiledReport]:
-    """Every path of the update kernel for each case in ``UPDATE_CASES``, at the launcher's layout."""
+def update_reports(capability: int = HOPPER, other_layouts: bool = True) -> list[CompiledReport]:
+    """Every path of the update kernel for each case in ``UPDATE_CASES`` at the launcher's layout, then (with
+    ``other_layouts``) 8-bit AdamW's whole programs, with and without alignment hints, at each of ``LAYOUTS``."""
     check_available()
     reports = []
     for case_label, algo, bits, blocksize, p_dtype in UPDATE_CASES:
@@ -161,11 +163,14 @@ def update_reports(capability: int = HOPPER) -> list[CompiledReport]:
             elements = constexprs["ROWS"] * constexprs["TILE"]
             reports.append(report(f"{case_label}, {path_label}, {elements}/program, {num_warps} warps", compiled,
                                   elements, num_warps))
-    for rows, num_warps in LAYOUTS:
-        constexprs, _ = update_constexprs("adamw", 8, 256, whole=True, aligned=True, rows=rows, num_warps=num_warps)
-        compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps, capability)
-        reports.append(report(f"{OTHER_LAYOUT}adamw 8-bit fp32, whole+aligned, {rows * 256}/program, {num_warps} warps",
-                              compiled, rows * 256, num_warps))
+    for rows, num_warps in LAYOUTS if other_layouts else []:
+        for path_label, aligned in (("whole", False), ("whole+aligned", True)):
+            constexprs, _ = update_constexprs("adamw", 8, 256, whole=True, aligned=aligned, rows=rows,
+                                              num_warps=num_warps)
+            compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps,
+                                   capability)
+            label = f"{OTHER_LAYOUT}adamw 8-bit fp32, {path_label}, {rows * 256}/program, {num_warps} warps"
+            reports.append(report(label, compiled, rows * 256, num_warps))
     return reports
 
 
@@ -173,9 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, default=HOPPER, help="compute capability (default 90: H100/H200)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--launcher-only", action="store_true", help="only the layouts the launcher uses")
     args = parser.parse_args(argv)
+    print(f"Triton {triton.__version__}", file=sys.stderr)
     try:
-        reports = update_reports(args.capability)
+        reports = update_reports(args.capability, other_layouts=not args.launcher_only)
     except OfflineCompileError as error:
         raise SystemExit(f"offline_compile: {error}") from None
     if args.json:

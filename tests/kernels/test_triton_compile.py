@@ -55,11 +55,11 @@ def test_whole_aligned_programs_use_vector_accesses(hopper):
         by_path = {label.split(", ")[1]: report for label, report in hopper.items() if label.startswith(case + ",")}
         assert by_path["whole+aligned"]["vector_accesses"] > 0, case
         assert by_path["masked"]["vector_accesses"] == 0, case
-    one_warp_per_block = next(r for label, r in hopper.items()
-                              if label.startswith(OTHER_LAYOUT) and label.endswith("1024/program, 4 warps"))
+    one_warp_per_block = next(r for label, r in hopper.items() if label.startswith(OTHER_LAYOUT)
+                              and "whole+aligned" in label and label.endswith("1024/program, 4 warps"))
     assert one_warp_per_block["vector_accesses"] >= 4  # param and grad loads, param store, codes
 
 
 def test_update_compiles_for_ampere():
-    reports = _offline("--capability", "80")
+    reports = _offline("--capability", "80", "--launcher-only")
     assert all(report["registers"] > 0 for report in reports)
