@@ -149,12 +149,16 @@ LAYOUTS = [(1, 1), (2, 4), (4, 4)]
 OTHER_LAYOUT = "other layout: "  # label prefix of those (the rest are the launcher's own layouts)
 
 
-def update_reports(capability: int = HOPPER, other_layouts: bool = True) -> list[CompiledReport]:
-    """Every path of the update kernel for each case in ``UPDATE_CASES`` at the launcher's layout, then (with
-    ``other_layouts``) 8-bit AdamW's whole programs, with and without alignment hints, at each of ``LAYOUTS``."""
+def update_reports(capability: int = HOPPER, other_layouts: bool = True, cases: list[str] | None = None
+                   ) -> list[CompiledReport]:
+    """Every path of the update kernel for each case in ``UPDATE_CASES`` (or those labelled in ``cases``) at the
+    launcher's layout, then (with ``other_layouts``) 8-bit AdamW's whole programs, with and without alignment
+    hints, at each of ``LAYOUTS``."""
     check_available()
     reports = []
     for case_label, algo, bits, blocksize, p_dtype in UPDATE_CASES:
+        if cases is not None and case_label not in cases:
+            continue
         for path_label, whole, aligned in PATHS:
             constexprs, num_warps = update_constexprs(algo, bits, blocksize, whole=whole, aligned=aligned,
                                                       p_dtype=p_dtype)
@@ -179,10 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capability", type=int, default=HOPPER, help="compute capability (default 90: H100/H200)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--launcher-only", action="store_true", help="only the layouts the launcher uses")
+    parser.add_argument("--case", action="append", choices=[case[0] for case in UPDATE_CASES],
+                        help="only this case (repeatable; default: all)")
     args = parser.parse_args(argv)
     print(f"Triton {triton.__version__}", file=sys.stderr)
     try:
-        reports = update_reports(args.capability, other_layouts=not args.launcher_only)
+        reports = update_reports(args.capability, other_layouts=not args.launcher_only, cases=args.case)
     except OfflineCompileError as error:
         raise SystemExit(f"offline_compile: {error}") from None
     if args.json:

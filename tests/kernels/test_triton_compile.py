@@ -5,7 +5,7 @@ scalar where they should be vectors, only show when Triton lowers the kernel to 
 The suite runs under ``TRITON_INTERPRET=1``, which turns every kernel into an interpreted function, so the
 compilation runs in a child process without it: every path of the optimizer update (masked programs, whole ones,
 whole and aligned; 8, 4 and 32-bit states; fp32 and bf16 parameters) and the other layouts the GPU benchmark
-times, for sm_90 (H100/H200) and the default path for sm_80 (A100).
+times, for sm_90 (H100/H200), and 8-bit AdamW's paths for sm_80 (A100).
 """
 
 from __future__ import annotations
@@ -61,5 +61,6 @@ def test_whole_aligned_programs_use_vector_accesses(hopper):
 
 
 def test_update_compiles_for_ampere():
-    reports = _offline("--capability", "80", "--launcher-only")
+    reports = _offline("--capability", "80", "--launcher-only", "--case", "adamw 8-bit fp32")
+    assert len(reports) == 3  # masked, whole, whole+aligned
     assert all(report["registers"] > 0 for report in reports)
