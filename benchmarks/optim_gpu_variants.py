@@ -8,6 +8,8 @@ diagnostic one (marked ``diag``, results not exact by design) says what removing
     python benchmarks/optim_gpu_variants.py               # needs a CUDA device; about 30 s on an H200
     python benchmarks/optim_gpu_variants.py --numel 64M
     TRITON_INTERPRET=1 python benchmarks/optim_gpu_variants.py --check-only   # no GPU: does every variant run?
+    ncu --metrics l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum \
+        python benchmarks/optim_gpu_variants.py --numel 16M --only "(now)"    # sectors per load: the gathers' spread
 
 Prints a table (ms, share of the bandwidth bound measured in the same run, exact or not). docs/optim.md, "GPU
 kernel", records what it showed.
@@ -224,10 +226,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", default="256M", type=parse_numel,
                         help="elements of the timed parameter (default 256M = 256 * 2**20)")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only the variants whose name contains TEXT (repeatable; e.g. under Nsight Compute); "
+                             "exactness is then judged against the first of them")
     parser.add_argument("--check-only", action="store_true",
                         help="run each variant once on a small parameter and say whether it is exact, no timing "
                              "(on the CPU with TRITON_INTERPRET=1 when there is no GPU)")
     args = parser.parse_args()
+    if args.only:
+        chosen = {name: spec for name, spec in VARIANTS.items() if any(text in name for text in args.only)}
+        if not chosen:
+            raise SystemExit(f"optim_gpu_variants.py: no variant name contains {' or '.join(args.only)!r}")
+        VARIANTS.clear()
+        VARIANTS.update(chosen)
     hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5)
     if args.check_only:
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
