@@ -266,7 +266,7 @@ class _CountingKernel:
         return self.kernel[grid]
 
 
-def test_triton_updates_a_group_in_one_launch_per_dtype(triton_device, monkeypatch):
+def test_triton_updates_a_group_in_two_launches_per_dtype(triton_device, monkeypatch):
     device = triton_device
     from effllm.kernels import _optim_update_triton
 
