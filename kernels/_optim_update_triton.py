@@ -19,6 +19,7 @@ Imported lazily by ``optim_update``: importing effllm never imports Triton.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,8 +86,8 @@ QUANTIZED_MIN_WARPS = 4
 ALIGNMENT_BYTES = 16
 ALIGNMENT: tl.constexpr = tl.constexpr(ALIGNMENT_BYTES)
 # Whether aligned buckets tell the compiler so (tl.multiple_of). Off until a GPU has timed it: compiled offline for
-# sm_90 at the default layout, Triton 3.6 turns the hints into shared-memory layout conversions (284 instructions
-# per element against 241 without), while Triton 3.9 gains from them at 8 elements per thread (166 against 191);
+# sm_90 at the default layout, Triton 3.6 turns the hints into shared-memory layout conversions (280 instructions
+# per element against 239 without), while Triton 3.9 gains from them at 8 elements per thread (165 against 189);
 # benchmarks/optim_gpu_variants.py times both (docs/optim.md).
 ALIGNMENT_HINTS = False
 # Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
@@ -205,6 +206,7 @@ def _optim_update_kernel(
     decay_factor,  # 1 - lr * weight_decay (decoupled decay)
     step_size,  # lr / (1 - beta1**step)
     bias_correction2_sqrt,  # sqrt(1 - beta2**step)
+    bias_correction2_reciprocal,  # 1 / bias_correction2_sqrt, rounded once to fp32 (fp32_reciprocal)
     blocksize,
     ALGO: tl.constexpr, BITS: tl.constexpr,
     HAS_STATE1: tl.constexpr, HAS_STATE2: tl.constexpr,
@@ -261,8 +263,7 @@ def _optim_update_kernel(
         m = _lerp(m_old, g, one_minus_beta1)
         v = v_old * beta2 + one_minus_beta2 * g * g
         # sqrt(v) is 0 or at least 2**-75, the divisor in (0, 1]: the conditions of _exact_quotient.
-        denom = _exact_quotient(tl.math.sqrt_rn(v), bias_correction2_sqrt,
-                                tl.math.div_rn(1.0, bias_correction2_sqrt)) + eps
+        denom = _exact_quotient(tl.math.sqrt_rn(v), bias_correction2_sqrt, bias_correction2_reciprocal) + eps
         p = p - step_size * tl.math.div_rn(m, denom)
     elif ALGO == LION:
         blend = m_old * beta1 + g * one_minus_beta1
@@ -428,17 +429,28 @@ def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torc
     return [table, midpoints, midpoints.numel()], constexprs
 
 
+def fp32_reciprocal(value: float) -> float:
+    """``1 / value`` as IEEE fp32 division rounds it, ``value`` first rounded to fp32 as a kernel argument is.
+    Rounding the double quotient to fp32 is exact here: the reciprocal of a 24-bit significand is never within a
+    relative 2**-48 of a point halfway between two fp32 values, and the double's rounding moves it by at most
+    2**-53."""
+    divisor = struct.unpack("f", struct.pack("f", value))[0]
+    return struct.unpack("f", struct.pack("f", 1.0 / divisor))[0]
+
+
 def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTables, maps: tuple,
             has_states: tuple[bool, bool], p_dtype: torch.dtype, g_dtype: torch.dtype, device: torch.device) -> None:
     """The launches over the parameters of ``tables`` (whole programs, then the others); ``maps`` is
     ``_map_args`` of each state."""
     (args1, const1), (args2, const2) = maps
+    scalars = kernel_scalars(h)
     with on_device(device):
         for work, whole in ((tables.whole_work, True), (tables.partial_work, False)):
             if work.shape[0] == 0:
                 continue
             _optim_update_kernel[(work.shape[0],)](
-                tables.pointers, work, *args1, *args2, **kernel_scalars(h), blocksize=layout.rows_len,
+                tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len,
+                bias_correction2_reciprocal=fp32_reciprocal(scalars["bias_correction2_sqrt"]),
                 ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
                 WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
                 MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],

@@ -41,7 +41,8 @@ UPDATE_ARGUMENT_TYPES = dict(
     table_ptr="*i64", work_ptr="*i64", qmap1_ptr="*fp32", mid1_ptr="*fp32", n_mid1="i32",
     qmap2_ptr="*fp32", mid2_ptr="*fp32", n_mid2="i32", lr=FLOAT, beta1=FLOAT, beta2=FLOAT,
     eps=FLOAT, weight_decay=FLOAT, one_minus_beta1=FLOAT, one_minus_beta2=FLOAT, one_minus_dampening=FLOAT,
-    decay_factor=FLOAT, step_size=FLOAT, bias_correction2_sqrt=FLOAT, blocksize="i32")
+    decay_factor=FLOAT, step_size=FLOAT, bias_correction2_sqrt=FLOAT, bias_correction2_reciprocal=FLOAT,
+    blocksize="i32")
 _VECTOR_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.\w+)*\.v[24]\b")
 _SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")  # after an address, a predicate
 

@@ -61,6 +61,21 @@ def test_formula_rounds_as_division_exhaustively(tmp_path):
     assert ": 0 differ" in out
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_host_reciprocal_rounds_as_fp32_division():
+    """The launcher passes Adam's 1 / sqrt(1 - beta2**step) computed on the host; it must equal the fp32
+    division the kernel would otherwise make."""
+    from effllm.kernels._optim_update_triton import fp32_reciprocal
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.rand(20_000, generator=generator) * 2.0 ** torch.randint(-40, 20, (20_000,),
+                                                                                      generator=generator),
+                        (((127 << 23) | torch.tensor([0x7FFFFF, 0x7FFFFE, 0, 1, 0x400000])).int()).view(torch.float32)])
+    values = values[values > 0]
+    got = torch.tensor([fp32_reciprocal(float(v)) for v in values], dtype=torch.float32)
+    assert torch.equal(got, 1.0 / values)
+
+
 def _all_significands(exponent: int) -> torch.Tensor:
     bits = (exponent << 23) | torch.arange(1 << 23, dtype=torch.int32)
     return bits.view(torch.float32)
