@@ -5,7 +5,7 @@ are re-jitted with other globals) or with other launch settings; every variant i
 parameter and compared bit for bit with the first (searched) one, so a faster exact variant can be adopted and a
 diagnostic one (marked ``diag``, results not exact by design) says what removing that part would buy.
 
-    python benchmarks/optim_gpu_variants.py               # needs a CUDA device; about a minute on an H200
+    python benchmarks/optim_gpu_variants.py               # needs a CUDA device (10 variants took 30 s on an H200)
     python benchmarks/optim_gpu_variants.py --numel 64M
     TRITON_INTERPRET=1 python benchmarks/optim_gpu_variants.py --check-only   # no GPU: does every variant run?
     ncu --metrics l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum \
