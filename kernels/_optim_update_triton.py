@@ -438,26 +438,34 @@ def fp32_reciprocal(value: float) -> float:
     return struct.unpack("f", struct.pack("f", 1.0 / divisor))[0]
 
 
+def _launch_constexprs(algo: str, bits: int, h: Hyper, layout: _Layout, maps: tuple, has_states: tuple[bool, bool],
+                       p_dtype: torch.dtype, g_dtype: torch.dtype, aligned: bool, whole: bool) -> dict:
+    """The kernel's compile-time arguments for one launch (also what ``offline_compile`` compiles)."""
+    (_, const1), (_, const2) = maps
+    return dict(
+        ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
+        WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
+        MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
+        ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
+        COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"], COMPUTED2=const2["COMPUTED"],
+        SIGNED2=const2["SIGNED"], ALIGNED=aligned, WHOLE=whole)
+
+
 def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTables, maps: tuple,
             has_states: tuple[bool, bool], p_dtype: torch.dtype, g_dtype: torch.dtype, device: torch.device) -> None:
     """The launches over the parameters of ``tables`` (whole programs, then the others); ``maps`` is
     ``_map_args`` of each state."""
-    (args1, const1), (args2, const2) = maps
+    (args1, _), (args2, _) = maps
     scalars = kernel_scalars(h)
+    scalars["bias_correction2_reciprocal"] = fp32_reciprocal(scalars["bias_correction2_sqrt"])
     with on_device(device):
         for work, whole in ((tables.whole_work, True), (tables.partial_work, False)):
             if work.shape[0] == 0:
                 continue
+            constexprs = _launch_constexprs(algo, bits, h, layout, maps, has_states, p_dtype, g_dtype,
+                                            aligned=tables.aligned and ALIGNMENT_HINTS, whole=whole)
             _optim_update_kernel[(work.shape[0],)](
-                tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len,
-                bias_correction2_reciprocal=fp32_reciprocal(scalars["bias_correction2_sqrt"]),
-                ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
-                WEIGHT_DECAY=bool(h.weight_decay), NESTEROV=bool(h.nesterov), FIRST_STEP=h.step == 1,
-                MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
-                ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
-                COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"],
-                COMPUTED2=const2["COMPUTED"], SIGNED2=const2["SIGNED"], ALIGNED=tables.aligned and ALIGNMENT_HINTS,
-                WHOLE=whole,
+                tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len, **constexprs,
                 num_warps=layout.num_warps, enable_fp_fusion=False,
             )
 

@@ -14,7 +14,7 @@ measurements on a GPU (a kernel that spills, or whose loads stay scalar, is the 
 from __future__ import annotations
 
 import argparse
-import collections
+import dataclasses
 import inspect
 import json
 import os
@@ -25,13 +25,14 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import _optim_update_triton as update
-from .optim_update import ALGORITHMS
+from .optim_update import STATES, Hyper
+from .quant_maps import make_map
 
 HOPPER, AMPERE = 90, 80
 WARP_SIZE = 32
@@ -44,7 +45,6 @@ UPDATE_ARGUMENT_TYPES = dict(
     decay_factor=FLOAT, step_size=FLOAT, bias_correction2_sqrt=FLOAT, bias_correction2_reciprocal=FLOAT,
     blocksize="i32")
 _VECTOR_ACCESS = re.compile(r"\b(?:ld|st)\.global(?:\.\w+)*\.v[24]\b")
-_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")  # after an address, a predicate
 
 
 class OfflineCompileError(RuntimeError):
@@ -88,23 +88,28 @@ class CompiledReport:
     vector_accesses: int  # global loads and stores of 2 or 4 elements per instruction, in the PTX
 
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")  # /*address*/ instruction;
 _PREDICATED_BRANCH = re.compile(r"@!?U?P\w+\s+BRA\s+(0x[0-9a-f]+)")
 
 
-def common_path_instructions(sass: str) -> int:
+def sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, text) of every instruction in ``cuobjdump -sass`` output, padding NOPs left out."""
+    lines = ((int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass))
+    return [(address, text) for address, text in lines if not text.startswith("NOP")]
+
+
+def common_path_instructions(instructions: list[tuple[int, str]]) -> int:
     """Instructions of the kernel's body up to its last exit, less the slow-path blocks: the ones a predicated
     branch jumps over that contain a call (IEEE division's and square root's rare cases)."""
-    lines = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
-    end = max(address for address, text in lines if text.endswith("EXIT"))
-    body = [(address, text) for address, text in lines if address <= end and not text.startswith("NOP")]
+    end = max(address for address, text in instructions if text.endswith("EXIT"))
+    body = [(address, text) for address, text in instructions if address <= end]
     skipped: set[int] = set()
     for address, text in body:
         branch = _PREDICATED_BRANCH.match(text)
         if branch:
-            jumped = [a for a, t in body if address < a < int(branch.group(1), 16)]
-            if any("CALL" in t for a, t in body if a in set(jumped)):
-                skipped.update(jumped)
+            jumped = [(a, t) for a, t in body if address < a < int(branch.group(1), 16)]
+            if any("CALL" in t for _, t in jumped):
+                skipped.update(a for a, _ in jumped)
     return len(body) - len(skipped)
 
 
@@ -117,32 +122,36 @@ def report(label: str, compiled, elements_per_program: int, num_warps: int) -> C
         sass = subprocess.run([str(_tools_dir() / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
     fields = dict(re.findall(r"(REG|LOCAL|SHARED):(\d+)", usage))
-    opcodes = collections.Counter(match.group(1) for match in _SASS_OPCODE.finditer(sass))
-    opcodes.pop("NOP", None)
-    per_element = round(common_path_instructions(sass) * WARP_SIZE * num_warps / elements_per_program, 1)
+    instructions = sass_instructions(sass)
+    per_element = round(common_path_instructions(instructions) * WARP_SIZE * num_warps / elements_per_program, 1)
     vectors = len(_VECTOR_ACCESS.findall(compiled.asm["ptx"]))
     return CompiledReport(label, int(fields.get("REG", 0)), int(fields.get("LOCAL", 0)), int(fields.get("SHARED", 0)),
-                          sum(opcodes.values()), per_element, vectors)
+                          len(instructions), per_element, vectors)
 
 
-def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, aligned: bool, p_dtype=tl.float32,
-                      rows: int | None = None, num_warps: int | None = None) -> tuple[dict, int]:
-    """The update kernel's constexprs and warps as ``_optim_update_triton._launch`` sets them (dynamic maps at 8
-    bits, as the optimizers use them), or with ``rows`` blocks per program in ``num_warps`` warps."""
+def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, aligned: bool, p_dtype=torch.float32,
+                      map_kinds: tuple[str, str] = ("dynamic", "dynamic"), rows: int | None = None,
+                      num_warps: int | None = None) -> tuple[dict, int]:
+    """The update kernel's constexprs and warps as ``_optim_update_triton._launch`` sets them for a step with
+    weight decay past the first, the states' maps of ``map_kinds`` (first moment signed, second unsigned), or
+    with ``rows`` blocks per program in ``num_warps`` warps."""
     layout = update._layout(bits, blocksize)
-    num_warps = num_warps or layout.num_warps
-    quantized = bits != 32
-    constexprs = dict(
-        ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=True, HAS_STATE2=update.STATES[algo][1],
-        WEIGHT_DECAY=True, NESTEROV=False, FIRST_STEP=False, MAXIMIZE=False, P_DTYPE=p_dtype, G_DTYPE=p_dtype,
-        ROWS=rows or layout.rows, TILE=layout.tile, SEARCH1=8 if quantized else 0, SEARCH2=8 if quantized else 0,
-        COMPUTED1=bits == 8, SIGNED1=bits == 8, COMPUTED2=bits == 8, SIGNED2=False, ALIGNED=aligned, WHOLE=whole)
-    return constexprs, num_warps
+    layout = dataclasses.replace(layout, rows=rows or layout.rows, num_warps=num_warps or layout.num_warps)
+    hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=2)
+    has_states = STATES[algo]
+    cpu, placeholder = torch.device("cpu"), torch.zeros(1, dtype=torch.int64)
+    maps = tuple(update._map_args(make_map(kind, signed, bits) if bits != 32 and has else None, cpu, placeholder)
+                 for kind, signed, has in zip(map_kinds, (True, False), has_states))
+    constexprs = update._launch_constexprs(algo, bits, hyper, layout, maps, has_states, p_dtype, p_dtype,
+                                           aligned=aligned, whole=whole)
+    return constexprs, layout.num_warps
 
 
-# (label, algorithm, state bits, blocksize, parameter dtype)
-UPDATE_CASES = [("adamw 8-bit fp32", "adamw", 8, 256, tl.float32), ("adamw 8-bit bf16", "adamw", 8, 256, tl.bfloat16),
-                ("adam 4-bit fp32", "adam", 4, 128, tl.float32), ("lion 32-bit fp32", "lion", 32, 0, tl.float32)]
+# (label, algorithm, state bits, blocksize, parameter dtype, map kinds as BlockwiseOptimizer picks them)
+UPDATE_CASES = [("adamw 8-bit fp32", "adamw", 8, 256, torch.float32, ("dynamic", "dynamic")),
+                ("adamw 8-bit bf16", "adamw", 8, 256, torch.bfloat16, ("dynamic", "dynamic")),
+                ("adam 4-bit fp32", "adam", 4, 128, torch.float32, ("dynamic", "linear_nozero")),
+                ("lion 32-bit fp32", "lion", 32, 0, torch.float32, ("dynamic", "dynamic"))]
 PATHS = [("masked", False, False), ("whole", True, False), ("whole+aligned", True, True)]
 # Other layouts of the 8-bit AdamW program (blocks per program, warps), timed in benchmarks/optim_gpu_variants.py:
 # one warp per block (1/1, 4/4) holds 8 elements per thread, so a block's maxima need no shared memory.
@@ -157,12 +166,12 @@ def update_reports(capability: int = HOPPER, other_layouts: bool = True, cases: 
     hints, at each of ``LAYOUTS``."""
     check_available()
     reports = []
-    for case_label, algo, bits, blocksize, p_dtype in UPDATE_CASES:
+    for case_label, algo, bits, blocksize, p_dtype, map_kinds in UPDATE_CASES:
         if cases is not None and case_label not in cases:
             continue
         for path_label, whole, aligned in PATHS:
             constexprs, num_warps = update_constexprs(algo, bits, blocksize, whole=whole, aligned=aligned,
-                                                      p_dtype=p_dtype)
+                                                      p_dtype=p_dtype, map_kinds=map_kinds)
             compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps,
                                    capability)
             elements = constexprs["ROWS"] * constexprs["TILE"]

@@ -9,13 +9,12 @@ functions under the interpreter (whose ``fma`` rounds once) against torch's divi
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from effllm.kernels import triton_available
+from effllm.kernels import cpu_build, triton_available
 
 CHECKER = Path(__file__).with_name("exact_quotient_exhaustive.c")
 
@@ -39,9 +38,10 @@ if triton_available():
 
 
 def _run_checker(tmp_path: Path, wide: int, tiny: int) -> str:
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        pytest.skip("no C compiler")
+    try:
+        compiler = cpu_build.find_compiler()
+    except cpu_build.BuildError as error:
+        pytest.skip(str(error))
     binary = tmp_path / "exact_quotient"
     subprocess.run([compiler, "-O2", "-march=native", "-ffp-contract=off", str(CHECKER), "-lm", "-o", str(binary)],
                    check=True)
