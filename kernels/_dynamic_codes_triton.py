@@ -1,10 +1,10 @@
 """Triton side of ``dynamic_codes``: the nearest code of the dynamic map computed rather than searched for (the
 spec is ``dynamic_codes.encode_ref``, itself checked against ``torch.bucketize``).
 
-Kernels pass the map's midpoints and its ``bits``/``signed`` as constexprs. Each level's threshold, slope and offset
-are compile-time constants (``level_parameters``, computed as ``dynamic_codes._build`` computes its table; a test
-compares the two), so the level costs a comparison and two selects per element and no memory reads; the one gather
-from the midpoints replaces the eight dependent ones of ``_blockwise_triton.nearest_code``.
+Kernels pass the map's midpoints and its ``bits``/``signed`` as constexprs. Each level's slope and offset are
+compile-time constants (``level_parameters``, computed as ``dynamic_codes._build`` computes its table; a test
+compares the two), so a level costs a fused multiply-add and a minimum per element and no memory reads; the one
+gather from the midpoints replaces the eight dependent ones of ``_blockwise_triton.nearest_code``.
 """
 
 from __future__ import annotations
@@ -35,24 +35,22 @@ def level_parameters(LEVEL: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constex
 @triton.jit
 def dynamic_encode(x, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
     """The nearest code (int32) of each fp32 ``x``, as ``torch.bucketize(x, midpoints)``: the value's position
-    within its level puts the code at ``candidate - 1`` or ``candidate``; the midpoint between them decides."""
+    in the map puts the code at ``candidate - 1`` or ``candidate``; the midpoint between them decides."""
     top = (1 << BITS) - 1
     if SIGNED:
         magnitude = tl.abs(x)
     else:
         magnitude = x
-    # The level's slope and offset: level 0's, replaced by each higher level's where the value reaches it.
+    # The position is the lowest of the levels' lines (dynamic_codes: each line is steeper than the next and they
+    # meet where the levels do): a fused multiply-add and a minimum per level, no comparisons or selects.
     _, slope, offset = level_parameters(0, BITS, SIGNED)
+    position = tl.fma(magnitude, slope, -offset)
     for level in tl.static_range(1, BITS - 1):
-        threshold, level_slope, level_offset = level_parameters(level, BITS, SIGNED)
-        above = magnitude >= threshold
-        slope = tl.where(above, level_slope, slope)
-        offset = tl.where(above, level_offset, offset)
-    position = magnitude * slope - offset
+        _, slope, offset = level_parameters(level, BITS, SIGNED)
+        position = tl.minimum(position, tl.fma(magnitude, slope, -offset))
     if SIGNED:
         position = tl.where(x < 0, top - position, position)
-    position = tl.where(position == position, position, 0.0)  # NaN: any candidate, its code is set below
-    position = tl.minimum(tl.maximum(position, 0.0), top * 1.0)
-    candidate = tl.minimum(tl.maximum((position + 0.5).to(tl.int32), 1), top)
-    code = tl.where(x <= tl.load(mid_ptr + candidate - 1), candidate - 1, candidate)
-    return tl.where(x != x, top, code)
+    # A NaN fails every comparison: it becomes the top code here, and stays there below (x <= midpoint is false).
+    position = tl.maximum(tl.where(position < top, position, top * 1.0), 0.0)
+    candidate = tl.maximum((position + 0.5).to(tl.int32), 1)
+    return tl.where(x <= tl.load(mid_ptr + candidate - 1), candidate - 1, candidate)

@@ -2,12 +2,14 @@
 
 The dynamic map (``quant_maps.dynamic_map``) is a sign, a decimal exponent (the "level") and a linear fraction:
 level ``L`` holds ``bins(L)`` evenly spaced values ``scale(L) * (0.1 + (k + 0.5) * 0.9 / bins(L))``. The
-nearest code of a value (``torch.bucketize`` over the map's midpoints) therefore needs no search: the level comes
-from comparisons with one threshold per level, a linear function of the value within its level gives the code
-to within half a code, so the code is ``candidate - 1`` or ``candidate``, and one comparison with the midpoint
-between those two decides. On a GPU this replaces the binary search's eight dependent gathers from a 255-entry
-table (about eight cache lines per warp and step) by one gather from the midpoints; the per-level parameters are
-compile-time constants of the kernel (``_dynamic_codes_triton.level_parameters``, equal to this table's entries).
+nearest code of a value (``torch.bucketize`` over the map's midpoints) therefore needs no search. A value's
+position (``k + 0.5`` at the k-th value of a level, plus the codes below it) is a linear function of its
+magnitude within each level; the lines meet at the level thresholds, and each is five times as steep as the
+next, so the position is simply the lowest of them. The position gives the code to within half a code, so the
+code is ``candidate - 1`` or ``candidate``, and one comparison with the midpoint between those two decides.
+On a GPU this replaces the binary search's eight dependent gathers from a 255-entry table (about eight cache
+lines per warp and step) by one gather from the midpoints; the per-level parameters are compile-time constants
+of the kernel (``_dynamic_codes_triton.level_parameters``, equal to this table's entries).
 
 ``DynamicCodes.for_map`` returns the parameters only for a map equal to ``dynamic_map(signed, bits)`` whose
 computed codes it has verified (``verify_encode``); any other map keeps the searched path. The kernels' float32
@@ -125,29 +127,46 @@ def _for_map_cached(qmap: torch.Tensor, device: torch.device) -> DynamicCodes | 
 # --- the kernels' arithmetic, replayed in torch ----------------------------------------------------------------
 
 
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` of float32 tensors rounded once to float32, as a GPU's fused multiply-add (torch has none).
+    The product is exact in float64 (48 significant bits). The sum is rounded to float64 round-to-odd (towards
+    zero, then the last bit set if anything was lost), which float64's 29 spare bits then round to float32 exactly
+    as a single rounding would."""
+    product = a.double() * b.double()
+    addend = c.double().expand_as(product)
+    total = product + addend
+    # TwoSum: the float64 sum's rounding error, exactly.
+    virtual = total - product
+    error = ((product - (total - virtual)) + (addend - virtual)).nan_to_num(0.0)  # infinite sums are exact
+    towards_zero = torch.where((error != 0) & ((error < 0) != (total < 0)), total.nextafter(torch.zeros_like(total)),
+                               total)
+    odd = torch.where(error != 0, (towards_zero.view(torch.int64) | 1).view(torch.float64), total)
+    return odd.float()
+
+
 def estimate_ref(codes: DynamicCodes, x: torch.Tensor) -> torch.Tensor:
     """The candidate code ``r`` of float32 ``x`` (the nearest code is ``r - 1`` or ``r``), as the kernels compute
-    it: level by thresholds, position ``|x| * slope - offset`` (mirrored for negative values), clamped, +0.5,
-    truncated."""
+    it: position the lowest of the levels' lines ``fma(|x|, slope, -offset)`` (mirrored for negative values),
+    clamped, +0.5, truncated."""
     top = 2**codes.bits - 1
     magnitude = x.abs() if codes.signed else x
     table = codes.table
-    level = torch.zeros_like(x, dtype=torch.int64)
-    for candidate in range(1, codes.levels):
-        level += (magnitude >= table[COL_THRESHOLD * LEVELS_CAPACITY + candidate]).long()
-    position = magnitude * table[COL_SLOPE * LEVELS_CAPACITY + level] - table[COL_OFFSET * LEVELS_CAPACITY + level]
+    position = None
+    for level in range(codes.levels):
+        line = fma32(magnitude, table[COL_SLOPE * LEVELS_CAPACITY + level],
+                     -table[COL_OFFSET * LEVELS_CAPACITY + level])
+        position = line if position is None else torch.minimum(position, line)
     if codes.signed:
         position = torch.where(x < 0, top - position, position)
-    position = position.clamp(0.0, float(top))  # NaN stays NaN (its code is set apart)
-    return (position + 0.5).nan_to_num(0.0).to(torch.int64).clamp(1, top)
+    position = torch.where(position < top, position, float(top)).clamp(min=0.0)  # NaN: the top code
+    return (position + 0.5).to(torch.int64).clamp(min=1)
 
 
 def encode_ref(codes: DynamicCodes, x: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
     """The nearest code of float32 ``x`` as the kernels compute it, given the map's ``midpoints`` (should equal
     ``torch.bucketize(x, midpoints)``: ``verify_encode`` checks it)."""
     candidate = estimate_ref(codes, x)
-    code = torch.where(x <= midpoints[candidate - 1], candidate - 1, candidate)
-    return torch.where(x.isnan(), 2**codes.bits - 1, code)
+    return torch.where(x <= midpoints[candidate - 1], candidate - 1, candidate)  # a NaN keeps the top code
 
 
 def probes(qmap: torch.Tensor, codes: DynamicCodes, seed: int = 0) -> torch.Tensor:
@@ -166,8 +185,9 @@ def probes(qmap: torch.Tensor, codes: DynamicCodes, seed: int = 0) -> torch.Tens
 
 
 def verify_encode(codes: DynamicCodes, qmap: torch.Tensor) -> bool:
-    """Whether the computed code equals ``torch.bucketize`` over the midpoints at every probe. Within one level
-    the position is monotone in the value, so agreement on both sides of every midpoint and threshold means
-    agreement everywhere in between."""
+    """Whether the computed code equals ``torch.bucketize`` over the midpoints at every probe. The candidate is
+    monotone in the value (each line is, and so are their minimum, the mirror and the clamps), and a right code
+    means the candidate is the true code or the next: agreement on both sides of every midpoint means agreement
+    everywhere in between."""
     x, midpoints = probes(qmap, codes), map_midpoints(qmap)
     return torch.equal(encode_ref(codes, x, midpoints), torch.bucketize(x, midpoints))

@@ -5,7 +5,9 @@ level thresholds, specials, random values of every scale); maps that are not dyn
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from effllm.kernels import triton_available
@@ -16,6 +18,7 @@ from effllm.kernels.dynamic_codes import (
     LEVELS_CAPACITY,
     DynamicCodes,
     encode_ref,
+    fma32,
     probes,
     verify_encode,
 )
@@ -47,8 +50,55 @@ if triton_available():
             tl.store(out_ptr + _SLOPES + level, slope)
             tl.store(out_ptr + _OFFSETS + level, offset)
 
+    @triton.jit
+    def _fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.fma(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.load(c_ptr + offs)))
+
 DYNAMIC_MAPS = [(bits, signed) for bits in range(2, 9) for signed in (True, False)]
 
+
+def _fp32_nearest(value: Fraction) -> float:
+    """``value`` rounded to the nearest float32, ties to even: the exact oracle for ``fma32``."""
+    guess = np.float32(float(value))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    distances = [abs(Fraction(float(c)) - value) for c in candidates]
+    best = min(distances)
+    nearest = [c for c, d in zip(candidates, distances) if d == best]
+    return float(min(nearest, key=lambda c: int(np.array(c).view(np.int32)) & 1))
+
+
+def _fma_cases(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random triples, and triples whose exact result lies a quarter float64 ulp from a point halfway between two
+    float32 values, where rounding to float64 first and then to float32 goes the wrong way."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(count, generator=generator) * 2.0 ** torch.randint(-20, 20, (count,), generator=generator)
+    b = torch.randn(count, generator=generator)
+    c = torch.randn(count, generator=generator) * 2.0 ** torch.randint(-20, 20, (count,), generator=generator)
+    r = torch.rand(count, generator=generator) + 1.0  # in [1, 2): float32 ulp 2**-23
+    sign = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0)
+    # (1 + 2**-15)(1 - 2**-15) = 1 - 2**-30: half an ulp of r less 2**-54, exactly.
+    hard_a = sign * 2.0**-24 * (1 + 2.0**-15) * torch.ones(count)
+    hard_b = torch.full((count,), 1 - 2.0**-15)
+    return torch.cat([a, hard_a]), torch.cat([b, hard_b]), torch.cat([c, sign * r])
+
+
+def test_fma32_rounds_once():
+    a, b, c = _fma_cases(1500, seed=0)
+    want = torch.tensor([_fp32_nearest(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+                         for x, y, z in zip(a, b, c)])
+    assert torch.equal(fma32(a, b, c), want)
+    double_rounded = (a.double() * b.double() + c.double()).float()
+    assert not torch.equal(double_rounded, want)  # the hard cases are hard
+    special = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 3e38])
+    assert torch.equal(fma32(special, torch.ones(5), torch.ones(5)), special + 1)
+
+
+def test_fma32_equals_the_kernels_fma(triton_device):
+    a, b, c = _fma_cases(1 << 17, seed=1)
+    out = torch.empty_like(a, device=triton_device)
+    _fma_kernel[(a.numel() // 1024,)](a.to(triton_device), b.to(triton_device), c.to(triton_device), out, 1024)
+    assert torch.equal(out.cpu(), fma32(a, b, c))
 
 
 @pytest.mark.parametrize("bits,signed", DYNAMIC_MAPS)
@@ -75,7 +125,7 @@ def test_an_edited_map_is_read_again():
     assert DynamicCodes.for_map(qmap) is None
 
 
-@pytest.mark.parametrize("column,change", [(COL_OFFSET, lambda t: t + 0.3), (COL_THRESHOLD, lambda t: t * 1.5)])
+@pytest.mark.parametrize("column,change", [(COL_OFFSET, lambda t: t + 0.3), (COL_SLOPE, lambda t: t * 1.01)])
 def test_verification_rejects_wrong_parameters(column, change):
     qmap = dynamic_map(True, 8)
     codes = DynamicCodes.for_map(qmap)

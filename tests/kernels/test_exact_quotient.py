@@ -110,3 +110,20 @@ def test_triton_normalized_equals_division_down_to_denormal_scales(triton_device
     want = x / scales[:, None]
     relevant = want.abs() >= 2.0**-24  # smaller quotients all take the zero code
     assert torch.equal(out.cpu()[relevant], want[relevant])
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_triton_normalized_rows_of_an_overflowed_state(triton_device):
+    """A state that overflowed has an infinite absmax: its finite values normalise to zero and its infinite ones
+    to NaN, as in the division (the kernel corrects against a zero divisor there instead of checking each
+    element)."""
+    tile = 64
+    scales = torch.tensor([float("inf"), 3.4e38])
+    x = (torch.linspace(-1, 1, tile) * 3e38).repeat(2, 1)
+    x[0, :3] = torch.tensor([float("inf"), -float("inf"), -0.0])
+    x[1, 0] = 3.4e38
+    out = torch.empty_like(x, device=triton_device)
+    _normalized_kernel[(scales.numel(),)](x.to(triton_device), scales.to(triton_device), out, tile)
+    want = x / scales[:, None]
+    assert want[0, 3:].eq(0).all() and want[0, :2].isnan().all()
+    torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0, equal_nan=True)
