@@ -116,9 +116,18 @@ VARIANTS = {
     "computed, 256/program, 4 warps (now)": dict(),
     "computed, 256/program, 4 warps, alignment hints": dict(hints=True),
     "computed, 512/program, 4 warps": dict(elements=512),
-    # One warp per block (8 elements per thread; maxima within a warp), without and with the alignment hints:
+    # Two warps per block (4 elements per thread): fewer instructions than 4 warps, more warps resident than 1.
+    "computed, 256/program, 2 warps": dict(elements=256, warps=2),
+    "computed, 256/program, 2 warps, alignment hints": dict(elements=256, warps=2, hints=True),
+    "computed, 256/program, 2 warps, 40 registers": dict(elements=256, warps=2, registers=40),
+    # One warp per block (8 elements per thread; maxima within a warp), without and with the alignment hints; the
+    # register caps let more warps be resident (offline_compile's "resident warps per SM"):
     "computed, 256/program, 1 warp": dict(elements=256, warps=1),
     "computed, 256/program, 1 warp, alignment hints": dict(elements=256, warps=1, hints=True),
+    "computed, 256/program, 1 warp, 64 registers": dict(elements=256, warps=1, registers=64),
+    "computed, 512/program, 2 warps": dict(elements=512, warps=2),
+    "computed, 512/program, 2 warps, 48 registers": dict(elements=512, warps=2, registers=48),
+    "computed, 512/program, 2 warps, 48 registers, hints": dict(elements=512, warps=2, registers=48, hints=True),
     "computed, 1024/program, 4 warps": dict(elements=1024, warps=4),
     "computed, 1024/program, 4 warps, alignment hints": dict(elements=1024, warps=4, hints=True),
     "diag: no state-value gathers": dict(load=load_without_gather),
@@ -129,8 +138,8 @@ VARIANTS = {
     "diag: no absmax reductions": dict(store=store_without_reduction),
     "computed, 256/program, pointers in work rows": dict(work=work_row_with_pointers, tables=tables_with_pointers),
 }
-_SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "num_warps_for", "_optim_update_kernel",
-             "codes_for_kernels", "_tables", "ALIGNMENT_HINTS")
+_SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "QUANTIZED_MAX_REGISTERS", "num_warps_for",
+             "_optim_update_kernel", "codes_for_kernels", "_tables", "ALIGNMENT_HINTS")
 
 
 def apply(spec: dict) -> dict:
@@ -147,6 +156,8 @@ def apply(spec: dict) -> dict:
         update._tables = spec["tables"]
     if "hints" in spec:
         update.ALIGNMENT_HINTS = spec["hints"]
+    if "registers" in spec:
+        update.QUANTIZED_MAX_REGISTERS = spec["registers"]
     if {"encode", "load", "store", "work"} & spec.keys():
         store = rejit(spec.get("store", update._store_state), map_code=spec.get("encode", update.map_code))
         update._optim_update_kernel = rejit(update._optim_update_kernel, _store_state=store,

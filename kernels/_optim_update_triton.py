@@ -72,7 +72,7 @@ NIBBLE_BITS: tl.constexpr = tl.constexpr(4)
 TINY_SCALE: tl.constexpr = tl.constexpr(2.0**-60)
 RESCALE: tl.constexpr = tl.constexpr(2.0**64)
 # torch.lerp switches formula at this weight (each side exact for weights near its end).
-LERP_SWITCH: tl.constexpr = tl.constexpr(0.5)
+LERP_SWITCH = 0.5
 
 # Two lanes at least: the kernel views a tile as byte pairs (TILE // 2), even when no state is packed.
 MIN_TILE = 2
@@ -82,6 +82,11 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 # 512 in 4 warps 3.80, 2048 in 8 warps 7.87 (docs/optim.md).
 QUANTIZED_ELEMENTS_PER_PROGRAM = 256
 QUANTIZED_MIN_WARPS = 4
+# Registers per thread ptxas may use for those programs (its --maxrregcount; None: its own choice). A lower cap
+# lets more warps be resident at the cost of recomputed values: compiled offline for sm_90, 256-element programs
+# of one warp take 72 registers and 138 instructions per element by themselves, 48 and 143 under a cap of 48,
+# with no spills (benchmarks/optim_gpu_variants.py times such layouts; docs/optim.md).
+QUANTIZED_MAX_REGISTERS: int | None = None
 # Bytes every data pointer of a bucket must be a multiple of for the kernel's vectorised path (one 128-bit access).
 ALIGNMENT_BYTES = 16
 ALIGNMENT: tl.constexpr = tl.constexpr(ALIGNMENT_BYTES)
@@ -95,10 +100,14 @@ TABLE_CACHE_SIZE = 64
 
 
 @triton.jit
-def _lerp(start, end, weight):
-    """``torch.lerp(start, end, weight)`` with a scalar weight, rounding as torch does (one fma)."""
+def _lerp(start, end, weight, FROM_START: tl.constexpr):
+    """``torch.lerp(start, end, weight)`` with a scalar weight, rounding as torch does (one fma). ``FROM_START``
+    is ``weight < LERP_SWITCH``, decided on the host (``_lerp_from_start``): one fma per element, not two."""
     diff = end - start
-    return tl.where(weight < LERP_SWITCH, tl.fma(weight, diff, start), tl.fma(weight - 1.0, diff, end))
+    if FROM_START:
+        return tl.fma(weight, diff, start)
+    else:
+        return tl.fma(weight - 1.0, diff, end)
 
 
 @triton.jit
@@ -220,6 +229,7 @@ def _optim_update_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     ROWS: tl.constexpr, TILE: tl.constexpr, SEARCH1: tl.constexpr, SEARCH2: tl.constexpr,
     COMPUTED1: tl.constexpr, SIGNED1: tl.constexpr, COMPUTED2: tl.constexpr, SIGNED2: tl.constexpr,
+    LERP_FROM_START: tl.constexpr,  # the moment's lerp weight (Adam's 1 - beta1, Lion's 1 - beta2) < LERP_SWITCH
     ALIGNED: tl.constexpr,  # every data pointer is a multiple of ALIGNMENT bytes
     WHOLE: tl.constexpr,  # every program's rows are whole blocks of TILE elements inside their tensor
 ):
@@ -246,8 +256,9 @@ def _optim_update_kernel(
     grad_ptr = _data_pointer(tl.load(row + COL_GRAD), G_DTYPE, ALIGNED)
     p_old = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    finite = tl.abs(g) < INF  # false for NaN and +-Inf: those elements keep param and state
-    g = tl.where(finite, g, 0.0)
+    # False for NaN and +-Inf: those elements keep param and state (selected back below, each element on its own,
+    # so what the update computes for them goes nowhere).
+    finite = tl.abs(g) < INF
     if MAXIMIZE:
         g = -g
     p = p_old
@@ -266,7 +277,7 @@ def _optim_update_kernel(
                 g = g + weight_decay * p  # L2, as torch.optim.Adam
             else:
                 p = p * decay_factor  # decoupled, as torch.optim.AdamW
-        m = _lerp(m_old, g, one_minus_beta1)
+        m = _lerp(m_old, g, one_minus_beta1, LERP_FROM_START)
         v = v_old * beta2 + one_minus_beta2 * g * g
         # sqrt(v) is 0 or at least 2**-75, the divisor in (0, 1]: the conditions of _exact_quotient.
         denom = _exact_quotient(tl.math.sqrt_rn(v), bias_correction2_sqrt, bias_correction2_reciprocal) + eps
@@ -275,7 +286,7 @@ def _optim_update_kernel(
         blend = m_old * beta1 + g * one_minus_beta1
         direction = tl.where(blend > 0, 1.0, tl.where(blend < 0, -1.0, 0.0))
         p = p * decay_factor - lr * direction
-        m = _lerp(m_old, g, one_minus_beta2)
+        m = _lerp(m_old, g, one_minus_beta2, LERP_FROM_START)
     elif ALGO == SGD:
         if WEIGHT_DECAY:
             g = g + weight_decay * p
@@ -352,12 +363,14 @@ def _check_slot(slot: ParamSlot, algo: str, bits: int, blocksize: int) -> None:
 
 @dataclass(frozen=True)
 class _Layout:
-    """How the kernel cuts the work: rows of ``rows_len`` elements, ``rows`` of them per program."""
+    """How the kernel cuts the work: rows of ``rows_len`` elements, ``rows`` of them per program, in ``num_warps``
+    warps of at most ``max_registers`` registers per thread (None: the compiler's choice)."""
 
     rows_len: int
     tile: int
     rows: int
     num_warps: int
+    max_registers: int | None = None
 
 
 def _layout(bits: int, blocksize: int) -> _Layout:
@@ -371,7 +384,8 @@ def _layout(bits: int, blocksize: int) -> _Layout:
         rows = rows_for(tile)
         return _Layout(rows_len, tile, rows, num_warps_for(rows * tile))
     rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
-    return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)))
+    return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)),
+                   QUANTIZED_MAX_REGISTERS)
 
 
 @dataclass(frozen=True)
@@ -435,13 +449,23 @@ def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torc
     return [table, midpoints, midpoints.numel()], constexprs
 
 
+def _fp32(value: float) -> float:
+    """``value`` rounded to fp32, as a kernel receives a float argument."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _lerp_from_start(algo: str, h: Hyper) -> bool:
+    """Which side of ``torch.lerp``'s formula the moment update takes, judged on the fp32 weight the kernel gets."""
+    weight = 1 - h.beta2 if algo == "lion" else 1 - h.beta1
+    return _fp32(weight) < LERP_SWITCH
+
+
 def fp32_reciprocal(value: float) -> float:
     """``1 / value`` as IEEE fp32 division rounds it, ``value`` first rounded to fp32 as a kernel argument is.
     Rounding the double quotient to fp32 is exact here: the reciprocal of a 24-bit significand is never within a
     relative 2**-48 of a point halfway between two fp32 values, and the double's rounding moves it by at most
     2**-53."""
-    divisor = struct.unpack("f", struct.pack("f", value))[0]
-    return struct.unpack("f", struct.pack("f", 1.0 / divisor))[0]
+    return _fp32(1.0 / _fp32(value))
 
 
 def _launch_constexprs(algo: str, bits: int, h: Hyper, layout: _Layout, maps: tuple, has_states: tuple[bool, bool],
@@ -454,7 +478,7 @@ def _launch_constexprs(algo: str, bits: int, h: Hyper, layout: _Layout, maps: tu
         MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
         ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
         COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"], COMPUTED2=const2["COMPUTED"],
-        SIGNED2=const2["SIGNED"], ALIGNED=aligned, WHOLE=whole)
+        SIGNED2=const2["SIGNED"], LERP_FROM_START=_lerp_from_start(algo, h), ALIGNED=aligned, WHOLE=whole)
 
 
 def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTables, maps: tuple,
@@ -472,7 +496,7 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTabl
                                             aligned=tables.aligned and ALIGNMENT_HINTS, whole=whole)
             _optim_update_kernel[(work.shape[0],)](
                 tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len, **constexprs,
-                num_warps=layout.num_warps, enable_fp_fusion=False,
+                num_warps=layout.num_warps, maxnreg=layout.max_registers, enable_fp_fusion=False,
             )
 
 

@@ -36,6 +36,10 @@ from .quant_maps import make_map
 
 HOPPER, AMPERE = 90, 80
 WARP_SIZE = 32
+# Per SM on sm_80 and sm_90: the register file, registers allocated per warp in steps of this many, and the most
+# warps and programs (thread blocks) resident at once.
+REGISTERS_PER_SM, REGISTER_ALLOCATION_UNIT = 65536, 256
+MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 FLOAT = "fp32"
 # The update kernel's runtime arguments as the launcher passes them (tensors are pointers).
 UPDATE_ARGUMENT_TYPES = dict(
@@ -62,14 +66,16 @@ def check_available() -> None:
         raise OfflineCompileError(f"no ptxas in {_tools_dir()}: this Triton build has no NVIDIA backend")
 
 
-def compile_for(kernel, argument_types: dict, constexprs: dict, num_warps: int, capability: int = HOPPER):
-    """``kernel`` (a ``@triton.jit`` function) compiled to a cubin for an NVIDIA GPU of compute ``capability``."""
+def compile_for(kernel, argument_types: dict, constexprs: dict, num_warps: int, capability: int = HOPPER,
+                max_registers: int | None = None):
+    """``kernel`` (a ``@triton.jit`` function) compiled to a cubin for an NVIDIA GPU of compute ``capability``,
+    with at most ``max_registers`` registers per thread if given."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {name: "constexpr" if name in constexprs else argument_types[name] for name in names}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", capability, WARP_SIZE),
-                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+                          options={"num_warps": num_warps, "maxnreg": max_registers, "enable_fp_fusion": False})
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,14 @@ class CompiledReport:
     instructions: int
     common_path_per_element: float
     vector_accesses: int  # global loads and stores of 2 or 4 elements per instruction, in the PTX
+    resident_warps: int  # per SM, as registers and the program limit allow (shared memory is not the limit here)
+
+
+def resident_warps(registers: int, num_warps: int) -> int:
+    """Warps of programs of ``num_warps`` warps that one SM holds at once with ``registers`` per thread."""
+    per_warp = -(-registers * WARP_SIZE // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    programs = min(REGISTERS_PER_SM // (per_warp * num_warps), MAX_WARPS_PER_SM // num_warps, MAX_PROGRAMS_PER_SM)
+    return programs * num_warps
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")  # /*address*/ instruction;
@@ -125,18 +139,21 @@ def report(label: str, compiled, elements_per_program: int, num_warps: int) -> C
     instructions = sass_instructions(sass)
     per_element = round(common_path_instructions(instructions) * WARP_SIZE * num_warps / elements_per_program, 1)
     vectors = len(_VECTOR_ACCESS.findall(compiled.asm["ptx"]))
-    return CompiledReport(label, int(fields.get("REG", 0)), int(fields.get("LOCAL", 0)), int(fields.get("SHARED", 0)),
-                          len(instructions), per_element, vectors)
+    registers = int(fields.get("REG", 0))
+    return CompiledReport(label, registers, int(fields.get("LOCAL", 0)), int(fields.get("SHARED", 0)),
+                          len(instructions), per_element, vectors, resident_warps(registers, num_warps))
 
 
 def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, aligned: bool, p_dtype=torch.float32,
                       map_kinds: tuple[str, str] = ("dynamic", "dynamic"), rows: int | None = None,
-                      num_warps: int | None = None) -> tuple[dict, int]:
-    """The update kernel's constexprs and warps as ``_optim_update_triton._launch`` sets them for a step with
-    weight decay past the first, the states' maps of ``map_kinds`` (first moment signed, second unsigned), or
-    with ``rows`` blocks per program in ``num_warps`` warps."""
+                      num_warps: int | None = None, max_registers: int | None = None):
+    """The update kernel's constexprs and layout (``_optim_update_triton._Layout``) as
+    ``_optim_update_triton._launch`` sets them for a step with weight decay past the first, the states' maps of
+    ``map_kinds`` (first moment signed, second unsigned), or with ``rows`` blocks per program in ``num_warps``
+    warps of at most ``max_registers`` registers."""
     layout = update._layout(bits, blocksize)
-    layout = dataclasses.replace(layout, rows=rows or layout.rows, num_warps=num_warps or layout.num_warps)
+    layout = dataclasses.replace(layout, rows=rows or layout.rows, num_warps=num_warps or layout.num_warps,
+                                 max_registers=max_registers or layout.max_registers)
     hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=2)
     has_states = STATES[algo]
     cpu, placeholder = torch.device("cpu"), torch.zeros(1, dtype=torch.int64)
@@ -144,7 +161,7 @@ def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, alig
                  for kind, signed, has in zip(map_kinds, (True, False), has_states))
     constexprs = update._launch_constexprs(algo, bits, hyper, layout, maps, has_states, p_dtype, p_dtype,
                                            aligned=aligned, whole=whole)
-    return constexprs, layout.num_warps
+    return constexprs, layout
 
 
 # (label, algorithm, state bits, blocksize, parameter dtype, map kinds as BlockwiseOptimizer picks them)
@@ -153,9 +170,11 @@ UPDATE_CASES = [("adamw 8-bit fp32", "adamw", 8, 256, torch.float32, ("dynamic",
                 ("adam 4-bit fp32", "adam", 4, 128, torch.float32, ("dynamic", "linear_nozero")),
                 ("lion 32-bit fp32", "lion", 32, 0, torch.float32, ("dynamic", "dynamic"))]
 PATHS = [("masked", False, False), ("whole", True, False), ("whole+aligned", True, True)]
-# Other layouts of the 8-bit AdamW program (blocks per program, warps), timed in benchmarks/optim_gpu_variants.py:
-# one warp per block (1/1, 4/4) holds 8 elements per thread, so a block's maxima need no shared memory.
-LAYOUTS = [(1, 1), (2, 4), (4, 4)]
+# Other layouts of the 8-bit AdamW program (blocks per program, warps, register cap), timed in
+# benchmarks/optim_gpu_variants.py: one warp per block (256/1, 512/2, 1024/4) holds 8 elements per thread, so a
+# block's maxima need no shared memory; two warps per block (256/2) hold 4 each, between that and the launcher's 2.
+# Programs of one warp are held to 32 warps per SM by the program limit, which 64 registers already allow.
+LAYOUTS = [(1, 1, None), (1, 1, 64), (1, 2, None), (1, 2, 40), (2, 2, None), (2, 2, 48), (2, 4, None), (4, 4, None)]
 OTHER_LAYOUT = "other layout: "  # label prefix of those (the rest are the launcher's own layouts)
 
 
@@ -170,22 +189,27 @@ def update_reports(capability: int = HOPPER, other_layouts: bool = True, cases: 
         if cases is not None and case_label not in cases:
             continue
         for path_label, whole, aligned in PATHS:
-            constexprs, num_warps = update_constexprs(algo, bits, blocksize, whole=whole, aligned=aligned,
-                                                      p_dtype=p_dtype, map_kinds=map_kinds)
-            compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps,
-                                   capability)
+            constexprs, layout = update_constexprs(algo, bits, blocksize, whole=whole, aligned=aligned,
+                                                   p_dtype=p_dtype, map_kinds=map_kinds)
+            compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, layout.num_warps,
+                                   capability, layout.max_registers)
             elements = constexprs["ROWS"] * constexprs["TILE"]
-            reports.append(report(f"{case_label}, {path_label}, {elements}/program, {num_warps} warps", compiled,
-                                  elements, num_warps))
-    for rows, num_warps in LAYOUTS if other_layouts else []:
+            reports.append(report(f"{case_label}, {path_label}, {_layout_label(elements, layout)}", compiled,
+                                  elements, layout.num_warps))
+    for rows, num_warps, max_registers in LAYOUTS if other_layouts else []:
         for path_label, aligned in (("whole", False), ("whole+aligned", True)):
-            constexprs, _ = update_constexprs("adamw", 8, 256, whole=True, aligned=aligned, rows=rows,
-                                              num_warps=num_warps)
+            constexprs, layout = update_constexprs("adamw", 8, 256, whole=True, aligned=aligned, rows=rows,
+                                                   num_warps=num_warps, max_registers=max_registers)
             compiled = compile_for(update._optim_update_kernel, UPDATE_ARGUMENT_TYPES, constexprs, num_warps,
-                                   capability)
-            label = f"{OTHER_LAYOUT}adamw 8-bit fp32, {path_label}, {rows * 256}/program, {num_warps} warps"
+                                   capability, max_registers)
+            label = f"{OTHER_LAYOUT}adamw 8-bit fp32, {path_label}, {_layout_label(rows * 256, layout)}"
             reports.append(report(label, compiled, rows * 256, num_warps))
     return reports
+
+
+def _layout_label(elements: int, layout) -> str:
+    cap = f", at most {layout.max_registers} registers" if layout.max_registers else ""
+    return f"{elements}/program, {layout.num_warps} warps{cap}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,12 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps([asdict(r) for r in reports]))
         return
-    print(f"| optimizer update (sm_{args.capability}) | registers | spill bytes | instructions | common path per "
-          "element | vector accesses |")
-    print("|---|---|---|---|---|---|")
+    print(f"| optimizer update (sm_{args.capability}) | registers | resident warps per SM | spill bytes | "
+          "instructions | common path per element | vector accesses |")
+    print("|---|---|---|---|---|---|---|")
     for r in reports:
-        print(f"| {r.label} | {r.registers} | {r.spill_bytes} | {r.instructions} | {r.common_path_per_element} | "
-              f"{r.vector_accesses} |")
+        print(f"| {r.label} | {r.registers} | {r.resident_warps} | {r.spill_bytes} | {r.instructions} | "
+              f"{r.common_path_per_element} | {r.vector_accesses} |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def test_every_update_path_compiles_for_hopper_without_spills(hopper):
     assert len([label for label in labels if label.startswith(OTHER_LAYOUT)]) >= 4  # what the benchmark times
     for label, report in hopper.items():
         assert report["registers"] > 0 and 0 < report["common_path_per_element"] < report["instructions"]
+        if "at most" in label:  # a register cap holds
+            assert report["registers"] <= int(label.split("at most ")[1].split()[0]), report
         if not label.startswith(OTHER_LAYOUT):  # the launcher's layouts: a spill there is a performance bug
             assert report["spill_bytes"] == 0, report
 
@@ -64,3 +66,12 @@ def test_update_compiles_for_ampere():
     reports = _offline("--capability", "80", "--launcher-only", "--case", "adamw 8-bit fp32")
     assert len(reports) == 3  # masked, whole, whole+aligned
     assert all(report["registers"] > 0 for report in reports)
+
+
+def test_resident_warps_follow_registers_and_the_program_limit():
+    from effllm.kernels.offline_compile import resident_warps
+
+    assert resident_warps(32, 4) == 64  # the SM's 64 warps
+    assert resident_warps(72, 1) == 28  # 2304 registers per warp
+    assert resident_warps(32, 1) == 32  # 32 programs of one warp at most
+    assert resident_warps(48, 2) == 42
