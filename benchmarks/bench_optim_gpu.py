@@ -11,6 +11,7 @@ Writes benchmarks/results/optim_gpu.json and the optim_gpu section of docs/bench
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from effllm.bench import optim_gpu
@@ -34,6 +35,10 @@ def main() -> None:
     result = optim_gpu.run(args.numel, include_bnb=not args.no_bnb)
     default = optim_gpu.parse_numel(DEFAULT_NUMEL)
     command = "python benchmarks/bench_optim_gpu.py" + (f" --numel {args.numel}" if args.numel != default else "")
+    layout = os.environ.get("EFFLLM_TRITON_OPTIM_LAYOUT", "").strip()
+    if layout:  # a layout set for tuning (kernels/_optim_update_triton.py) is part of what was measured
+        command = f"EFFLLM_TRITON_OPTIM_LAYOUT={layout} {command}"
+        result["triton_layout"] = layout
     optim_gpu.write(result, args.json, args.markdown, command)
 
 

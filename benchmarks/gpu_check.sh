@@ -22,15 +22,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 cd "$REPO"
 # The variants first: the layouts and diagnostics waiting for a GPU (docs/optim.md) are what a session needs most.
+# Then the roofline at the launcher's layout and, when a variant that only changes the layout was faster and
+# exact, again at that layout (EFFLLM_TRITON_OPTIM_LAYOUT), so adopting it needs no second GPU session.
 # Timeouts add up to under the device's 600 s per command.
 echo "== update-kernel variants"
-timeout 200 python3 benchmarks/optim_gpu_variants.py > "$OUT_DIR/variants.log" 2>&1; echo "rc=$?"; cat "$OUT_DIR/variants.log"
+timeout 160 python3 benchmarks/optim_gpu_variants.py > "$OUT_DIR/variants.log" 2>&1; echo "rc=$?"; cat "$OUT_DIR/variants.log"
 echo "== optimizer roofline"
-timeout 120 python3 benchmarks/bench_optim_gpu.py --json "$OUT_DIR/optim_gpu.json" --markdown "$OUT_DIR/benchmarks.md" \
+timeout 100 python3 benchmarks/bench_optim_gpu.py --json "$OUT_DIR/optim_gpu.json" --markdown "$OUT_DIR/benchmarks.md" \
     > "$OUT_DIR/roofline.log" 2>&1; echo "rc=$?"; head -12 "$OUT_DIR/roofline.log"
+FASTEST=$(sed -n 's/^fastest exact layout: \([^ ]*\) .*the launcher.s: \([^ ]*\)$/\1 \2/p' "$OUT_DIR/variants.log")
+if [ -n "$FASTEST" ] && [ "${FASTEST% *}" != "${FASTEST#* }" ]; then
+    echo "== optimizer roofline at the fastest exact layout, ${FASTEST% *}"
+    cp "$OUT_DIR/benchmarks.md" "$OUT_DIR/benchmarks_fastest_layout.md"
+    EFFLLM_TRITON_OPTIM_LAYOUT="${FASTEST% *}" timeout 90 python3 benchmarks/bench_optim_gpu.py --no-bnb \
+        --json "$OUT_DIR/optim_gpu_fastest_layout.json" --markdown "$OUT_DIR/benchmarks_fastest_layout.md" \
+        > "$OUT_DIR/roofline_fastest_layout.log" 2>&1; echo "rc=$?"; head -12 "$OUT_DIR/roofline_fastest_layout.log"
+fi
 echo "== whole-model optimizer steps"
-timeout 100 python3 benchmarks/bench_optim.py --device cuda --repeats 20 --json "$OUT_DIR/optim_cuda.json" \
+timeout 80 python3 benchmarks/bench_optim.py --device cuda --repeats 20 --json "$OUT_DIR/optim_cuda.json" \
     --markdown "$OUT_DIR/benchmarks.md" --png "$OUT_DIR/optim_step_time_cuda.png" > "$OUT_DIR/steps.log" 2>&1; echo "rc=$?"; grep -E "^\| [0-9]|Targets" "$OUT_DIR/steps.log"
 echo "== GPU tests"
-cd "$SITE" && timeout 160 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/optim" -k cuda -n 12 -q -p no:cacheprovider \
+cd "$SITE" && timeout 140 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/optim" -k cuda -n 12 -q -p no:cacheprovider \
     --continue-on-collection-errors -o addopts="" -m "not slow" > "$OUT_DIR/tests.log" 2>&1; echo "rc=$?"; tail -4 "$OUT_DIR/tests.log"

@@ -19,6 +19,8 @@ Imported lazily by ``optim_update``: importing effllm never imports Triton.
 
 from __future__ import annotations
 
+import os
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -95,6 +97,53 @@ ALIGNMENT: tl.constexpr = tl.constexpr(ALIGNMENT_BYTES)
 # per element against 239 without), while Triton 3.9 gains from them at 8 elements per thread (165 against 189);
 # benchmarks/optim_gpu_variants.py times both (docs/optim.md).
 ALIGNMENT_HINTS = False
+# Overrides the four settings above for quantized states, for tuning on a GPU without editing this file:
+# ELEMENTS/WARPS[/REGISTERS][+hints], e.g. 256/1/64 (benchmarks/gpu_check.sh times the fastest variant with it).
+LAYOUT_VARIABLE = "EFFLLM_TRITON_OPTIM_LAYOUT"
+_LAYOUT_SYNTAX = re.compile(r"(\d+)/(\d+)(?:/(\d+))?(\+hints)?")
+
+
+@dataclass(frozen=True)
+class LayoutOverride:
+    """A layout for quantized states set from ``LAYOUT_VARIABLE``: elements and warps per program, the register
+    cap (None: the compiler's choice) and whether aligned buckets get the alignment hints."""
+
+    elements: int
+    warps: int
+    max_registers: int | None
+    hints: bool
+
+    @staticmethod
+    def parse(text: str) -> LayoutOverride:
+        match = _LAYOUT_SYNTAX.fullmatch(text.strip())
+        override = None
+        if match:
+            elements, warps = int(match[1]), int(match[2])
+            registers = int(match[3]) if match[3] else None
+            override = LayoutOverride(elements, warps, registers, bool(match[4]))
+        if override is None or not override.valid():
+            raise ValueError(f"{LAYOUT_VARIABLE}={text!r} is not ELEMENTS/WARPS[/REGISTERS][+hints] with a power of "
+                             f"two of elements from {MIN_TILE} to {MAX_TILE}, 1 to 32 warps (a power of two) and 24 "
+                             f"to 255 registers, e.g. 256/4 or 256/1/64+hints; unset it for the default layout")
+        return override
+
+    def valid(self) -> bool:
+        def power_of_two(n: int) -> bool:
+            return n > 0 and n & (n - 1) == 0
+
+        return (power_of_two(self.elements) and MIN_TILE <= self.elements <= MAX_TILE and power_of_two(self.warps)
+                and self.warps <= 32 and (self.max_registers is None or 24 <= self.max_registers <= 255))
+
+    def label(self) -> str:
+        registers = f"/{self.max_registers}" if self.max_registers else ""
+        return f"{self.elements}/{self.warps}{registers}" + ("+hints" if self.hints else "")
+
+
+def _layout_override() -> LayoutOverride | None:
+    text = os.environ.get(LAYOUT_VARIABLE, "")
+    return LayoutOverride.parse(text) if text.strip() else None
+
+
 # Pointer/work tables kept per set of tensors, so a steady training loop builds and uploads them once.
 TABLE_CACHE_SIZE = 64
 
@@ -383,6 +432,9 @@ def _layout(bits: int, blocksize: int) -> _Layout:
     if bits == 32:
         rows = rows_for(tile)
         return _Layout(rows_len, tile, rows, num_warps_for(rows * tile))
+    override = _layout_override()
+    if override is not None:
+        return _Layout(rows_len, tile, max(1, override.elements // tile), override.warps, override.max_registers)
     rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
     return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)),
                    QUANTIZED_MAX_REGISTERS)
@@ -493,11 +545,16 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTabl
             if work.shape[0] == 0:
                 continue
             constexprs = _launch_constexprs(algo, bits, h, layout, maps, has_states, p_dtype, g_dtype,
-                                            aligned=tables.aligned and ALIGNMENT_HINTS, whole=whole)
+                                            aligned=tables.aligned and _alignment_hints(bits), whole=whole)
             _optim_update_kernel[(work.shape[0],)](
                 tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len, **constexprs,
                 num_warps=layout.num_warps, maxnreg=layout.max_registers, enable_fp_fusion=False,
             )
+
+
+def _alignment_hints(bits: int) -> bool:
+    override = _layout_override() if bits != 32 else None
+    return override.hints if override is not None else ALIGNMENT_HINTS
 
 
 def _check_arguments(algo: str, bits: int, blocksize: int) -> None:

@@ -336,6 +336,38 @@ def test_triton_alignment_flag_and_unaligned_views(triton_device, monkeypatch):
     _compare_steps(setup, slots, steps=(1, 2))
 
 
+@pytest.mark.parametrize("layout", ["256/1/64", "512/2+hints", "128/1"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_triton_layout_from_the_environment(triton_device, monkeypatch, layout, bits):
+    """EFFLLM_TRITON_OPTIM_LAYOUT sets elements, warps, register cap and hints of the quantized update for
+    tuning on a GPU; the results stay the reference's."""
+    from effllm.kernels import _optim_update_triton as update
+
+    monkeypatch.setenv("EFFLLM_KERNEL", "triton")
+    monkeypatch.setenv(update.LAYOUT_VARIABLE, layout)
+    override = update.LayoutOverride.parse(layout)
+    chosen = update._layout(bits, 128 if bits == 4 else 256)
+    assert chosen.rows * chosen.tile == max(override.elements, chosen.tile)
+    assert (chosen.num_warps, chosen.max_registers) == (override.warps, override.max_registers)
+    assert update._alignment_hints(bits) is override.hints
+    unquantized = update._layout(32, 0)  # 32-bit states keep their own layout
+    monkeypatch.delenv(update.LAYOUT_VARIABLE)
+    assert update._layout(32, 0) == unquantized
+    monkeypatch.setenv(update.LAYOUT_VARIABLE, layout)
+    setup = _setup("adamw", bits, triton_device)
+    _compare_steps(setup, _slots("adamw", setup, [(1030,), (4097,)], torch.float32, triton_device), steps=(2,))
+
+
+@pytest.mark.parametrize("text", ["256", "256/3", "100/4", "256/4/8", "256/64", "fast", "256/4+fast"])
+def test_triton_layout_variable_rejects_bad_values(monkeypatch, text):
+    pytest.importorskip("triton")
+    from effllm.kernels import _optim_update_triton as update
+
+    monkeypatch.setenv(update.LAYOUT_VARIABLE, text)
+    with pytest.raises(ValueError, match="EFFLLM_TRITON_OPTIM_LAYOUT=.*unset it"):
+        update._layout(8, 256)
+
+
 @pytest.mark.gpu
 def test_cuda_update_does_not_synchronise():
     """No host-device synchronisation per step (or per parameter) once the kernel is compiled."""
