@@ -538,6 +538,8 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTabl
     """The launches over the parameters of ``tables`` (whole programs, then the others); ``maps`` is
     ``_map_args`` of each state."""
     (args1, _), (args2, _) = maps
+    # A register cap only when one is set: the default launch passes no option older Tritons might not know.
+    options = {} if layout.max_registers is None else {"maxnreg": layout.max_registers}
     scalars = kernel_scalars(h)
     scalars["bias_correction2_reciprocal"] = fp32_reciprocal(scalars["bias_correction2_sqrt"])
     with on_device(device):
@@ -548,7 +550,7 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTabl
                                             aligned=tables.aligned and _alignment_hints(bits), whole=whole)
             _optim_update_kernel[(work.shape[0],)](
                 tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len, **constexprs,
-                num_warps=layout.num_warps, maxnreg=layout.max_registers, enable_fp_fusion=False,
+                num_warps=layout.num_warps, enable_fp_fusion=False, **options,
             )
 
 
