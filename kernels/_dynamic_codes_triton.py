@@ -50,7 +50,8 @@ def dynamic_encode(x, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
         position = tl.minimum(position, tl.fma(magnitude, slope, -offset))
     if SIGNED:
         position = tl.where(x < 0, top - position, position)
-    # A NaN fails every comparison: it becomes the top code here, and stays there below (x <= midpoint is false).
-    position = tl.maximum(tl.where(position < top, position, top * 1.0), 0.0)
+    # The minimum ignores NaN (PTX ``min``, numpy's ``fmin`` under the interpreter): a NaN becomes the top code
+    # here, and stays there below (x <= midpoint is false).
+    position = tl.maximum(tl.minimum(position, top * 1.0), 0.0)
     candidate = tl.maximum((position + 0.5).to(tl.int32), 1)
     return tl.where(x <= tl.load(mid_ptr + candidate - 1), candidate - 1, candidate)

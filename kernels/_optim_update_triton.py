@@ -68,6 +68,7 @@ TABLE_COLS: tl.constexpr = tl.constexpr(7)
 WORK_COLS: tl.constexpr = tl.constexpr(2)
 
 INF: tl.constexpr = tl.constexpr(float("inf"))
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 LOW_NIBBLE: tl.constexpr = tl.constexpr(0xF)
 NIBBLE_BITS: tl.constexpr = tl.constexpr(4)
 # _normalized: rows with a smaller absmax are multiplied by RESCALE (both exact powers of two) before dividing.
@@ -86,7 +87,7 @@ QUANTIZED_ELEMENTS_PER_PROGRAM = 256
 QUANTIZED_MIN_WARPS = 4
 # Registers per thread ptxas may use for those programs (its --maxrregcount; None: its own choice). A lower cap
 # lets more warps be resident at the cost of recomputed values: compiled offline for sm_90, 256-element programs
-# of one warp take 72 registers and 138 instructions per element by themselves, 48 and 143 under a cap of 48,
+# of one warp take 72 registers and 136 instructions per element by themselves, 48 and 141 under a cap of 48,
 # with no spills (benchmarks/optim_gpu_variants.py times such layouts; docs/optim.md).
 QUANTIZED_MAX_REGISTERS: int | None = None
 # Bytes every data pointer of a bucket must be a multiple of for the kernel's vectorised path (one 128-bit access).
@@ -162,15 +163,16 @@ def _lerp(start, end, weight, FROM_START: tl.constexpr):
 @triton.jit
 def _exact_quotient(x, divisor, reciprocal):
     """``x / divisor`` rounded as IEEE division (``div_rn``) from ``reciprocal = div_rn(1, divisor)``, for a divisor
-    shared by many elements: a product and one correction by fused multiply-add (Markstein), 3 instructions and a
-    select instead of a division's 10-odd each. Requires normal (or zero) ``x`` and ``divisor``, and the residual
-    ``x - quotient * divisor`` (about ``x * 2**-24``) to stay a normal number, i.e. ``|x| >= 2**-102``: checked
+    shared by many elements: a product and one correction by fused multiply-add (Markstein), 4 instructions
+    instead of a division's 10-odd. Requires ``x >= 0`` (or NaN), a normal positive ``divisor``, and the residual
+    ``x - quotient * divisor`` (about ``x * 2**-24``) to stay a normal number, i.e. ``x >= 2**-102`` or 0: checked
     against IEEE division over every ``x`` significand of 32 exponents for 300 divisors (8e10 pairs, none
-    differed); a zero comes out as +0. Where the residual is not finite (an infinite ``x`` or divisor, a
-    quotient that overflows) the product alone is the answer, as in the division."""
+    differed). Where the residual is not finite (an infinite ``x`` makes it NaN, a quotient that overflows -inf)
+    it becomes -FLT_MAX, whose correction leaves the infinite product as it is, as in the division: the maximum
+    ignores NaN (PTX ``max``, and numpy's ``fmax`` under the interpreter)."""
     quotient = x * reciprocal
     residual = tl.fma(-quotient, divisor, x)
-    return tl.where(tl.abs(residual) < INF, tl.fma(residual, reciprocal, quotient), quotient)
+    return tl.fma(tl.maximum(residual, -FLT_MAX), reciprocal, quotient)
 
 
 @triton.jit

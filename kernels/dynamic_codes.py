@@ -158,7 +158,7 @@ def estimate_ref(codes: DynamicCodes, x: torch.Tensor) -> torch.Tensor:
         position = line if position is None else torch.minimum(position, line)
     if codes.signed:
         position = torch.where(x < 0, top - position, position)
-    position = torch.where(position < top, position, float(top)).clamp(min=0.0)  # NaN: the top code
+    position = torch.fmin(position, torch.tensor(float(top))).clamp(min=0.0)  # fmin ignores NaN: the top code
     return (position + 0.5).to(torch.int64).clamp(min=1)
 
 
