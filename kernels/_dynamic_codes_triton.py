@@ -41,17 +41,18 @@ def dynamic_encode(x, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
         magnitude = tl.abs(x)
     else:
         magnitude = x
-    # The position is the lowest of the levels' lines (dynamic_codes: each line is steeper than the next and they
-    # meet where the levels do): a fused multiply-add and a minimum per level, no comparisons or selects.
+    # The position plus one half (truncation then rounds it) is the lowest of the levels' lines (dynamic_codes: each
+    # line is steeper than the next and they meet where the levels do): a fused multiply-add and a minimum per
+    # level, no comparisons or selects.
     _, slope, offset = level_parameters(0, BITS, SIGNED)
-    position = tl.fma(magnitude, slope, -offset)
+    rounded = tl.fma(magnitude, slope, 0.5 - offset)
     for level in tl.static_range(1, BITS - 1):
         _, slope, offset = level_parameters(level, BITS, SIGNED)
-        position = tl.minimum(position, tl.fma(magnitude, slope, -offset))
+        rounded = tl.minimum(rounded, tl.fma(magnitude, slope, 0.5 - offset))
     if SIGNED:
-        position = tl.where(x < 0, top - position, position)
+        rounded = tl.where(x < 0, (top + 1) - rounded, rounded)  # the mirror image: top - position, plus one half
     # The minimum ignores NaN (PTX ``min``, numpy's ``fmin`` under the interpreter): a NaN becomes the top code
     # here, and stays there below (x <= midpoint is false).
-    position = tl.maximum(tl.minimum(position, top * 1.0), 0.0)
-    candidate = tl.maximum((position + 0.5).to(tl.int32), 1)
+    rounded = tl.maximum(tl.minimum(rounded, top + 0.5), 0.0)
+    candidate = tl.maximum(rounded.to(tl.int32), 1)
     return tl.where(x <= tl.load(mid_ptr + candidate - 1), candidate - 1, candidate)

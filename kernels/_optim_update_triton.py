@@ -87,7 +87,7 @@ QUANTIZED_ELEMENTS_PER_PROGRAM = 256
 QUANTIZED_MIN_WARPS = 4
 # Registers per thread ptxas may use for those programs (its --maxrregcount; None: its own choice). A lower cap
 # lets more warps be resident at the cost of recomputed values: compiled offline for sm_90, 256-element programs
-# of one warp take 72 registers and 136 instructions per element by themselves, 48 and 141 under a cap of 48,
+# of one warp take 72 registers and 134 instructions per element by themselves, 48 and 139 under a cap of 48,
 # with no spills (benchmarks/optim_gpu_variants.py times such layouts; docs/optim.md).
 QUANTIZED_MAX_REGISTERS: int | None = None
 # Bytes every data pointer of a bucket must be a multiple of for the kernel's vectorised path (one 128-bit access).

@@ -146,20 +146,21 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def estimate_ref(codes: DynamicCodes, x: torch.Tensor) -> torch.Tensor:
     """The candidate code ``r`` of float32 ``x`` (the nearest code is ``r - 1`` or ``r``), as the kernels compute
-    it: position the lowest of the levels' lines ``fma(|x|, slope, -offset)`` (mirrored for negative values),
-    clamped, +0.5, truncated."""
+    it: the position plus one half, the lowest of the levels' lines ``fma(|x|, slope, 0.5 - offset)`` (mirrored
+    for negative values), clamped, truncated."""
     top = 2**codes.bits - 1
     magnitude = x.abs() if codes.signed else x
     table = codes.table
-    position = None
+    half = torch.tensor(0.5)
+    rounded = None
     for level in range(codes.levels):
         line = fma32(magnitude, table[COL_SLOPE * LEVELS_CAPACITY + level],
-                     -table[COL_OFFSET * LEVELS_CAPACITY + level])
-        position = line if position is None else torch.minimum(position, line)
+                     half - table[COL_OFFSET * LEVELS_CAPACITY + level])
+        rounded = line if rounded is None else torch.minimum(rounded, line)
     if codes.signed:
-        position = torch.where(x < 0, top - position, position)
-    position = torch.fmin(position, torch.tensor(float(top))).clamp(min=0.0)  # fmin ignores NaN: the top code
-    return (position + 0.5).to(torch.int64).clamp(min=1)
+        rounded = torch.where(x < 0, (top + 1) - rounded, rounded)
+    rounded = torch.fmin(rounded, torch.tensor(top + 0.5)).clamp(min=0.0)  # fmin ignores NaN: the top code
+    return rounded.to(torch.int64).clamp(min=1)
 
 
 def encode_ref(codes: DynamicCodes, x: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
