@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from effllm.kernels import _optim_update_triton as update
 from effllm.kernels._blockwise_triton import map_code
+from effllm.kernels.blockwise import num_blocks
 from effllm.kernels.optim_update import Hyper, ParamSlot
 from effllm.kernels.quant_maps import dynamic_map
 
@@ -74,39 +75,19 @@ def store_without_reduction(new, state_addr, absmax_addr, mid_ptr, n_mid, block,
 
 
 @triton.jit
-def work_from_program_id(table_ptr, work_ptr, ROWS: tl.constexpr):
+def work_from_program_id(table_ptr, work_ptr, ROWS: tl.constexpr, WHOLE: tl.constexpr):
     """Block ``program_id * ROWS`` of the first parameter: no work-table load (exact for one parameter)."""
     return table_ptr, tl.program_id(0).to(tl.int64) * ROWS
-
-
-@triton.jit
-def work_row_with_pointers(table_ptr, work_ptr, ROWS: tl.constexpr):
-    """The program's work row holds its parameter's pointer row itself, then the first block: one dependent
-    load fewer (see ``tables_with_pointers``)."""
-    row = work_ptr + tl.program_id(0) * (update.TABLE_COLS + 1)
-    return row, tl.load(row + update.TABLE_COLS)
-
-
-_WIDE_WORK: dict[int, update._LaunchTables] = {}
-
-
-def tables_with_pointers(tensors, numels, layout, device):
-    """``_tables`` with each work row widened to [its parameter's pointer row, first block] (built once)."""
-    tables = _TABLES(tensors, numels, layout, device)
-    if id(tables) not in _WIDE_WORK:
-        def widen(work):
-            return torch.cat([tables.pointers[work[:, 0]], work[:, 1:]], dim=1).contiguous()
-
-        _WIDE_WORK[id(tables)] = update._LaunchTables(tables.pointers, widen(tables.whole_work),
-                                                      widen(tables.partial_work), tables.aligned)
-    return _WIDE_WORK[id(tables)]
 
 
 def tables_all_masked(tensors, numels, layout, device):
     """Every program through the masked path with no alignment hints: the kernel before whole programs."""
     tables = _TABLES(tensors, numels, layout, device)
-    work = torch.cat([tables.whole_work, tables.partial_work]).contiguous()
-    return update._LaunchTables(tables.pointers, work[:0], work, False)
+    programs = [triton.cdiv(num_blocks(n, layout.rows_len), layout.rows) for n in numels]
+    work, bases = update._work_table([0] * len(numels), programs)
+    pointers = tables.pointers.clone()
+    pointers[:, update.COL_PARTIAL_BASE.value] = bases.to(device)
+    return update._LaunchTables(pointers, work[:0].to(device), work.to(device), False)
 
 
 _TABLES = update._tables
@@ -115,6 +96,7 @@ VARIANTS = {
     "computed, 256/program, 4 warps, all masked": dict(tables=tables_all_masked),
     "computed, 256/program, 4 warps (now)": dict(),
     "computed, 256/program, 4 warps, alignment hints": dict(hints=True),
+    "computed, 256/program, 4 warps, 32 registers": dict(registers=32),
     "computed, 512/program, 4 warps": dict(elements=512),
     # Two warps per block (4 elements per thread): fewer instructions than 4 warps, more warps resident than 1.
     "computed, 256/program, 2 warps": dict(elements=256, warps=2),
@@ -136,7 +118,6 @@ VARIANTS = {
     # The work table is read before anything else: what does that dependent load cost a program?
     "diag: no work-table load (one parameter)": dict(work=work_from_program_id),
     "diag: no absmax reductions": dict(store=store_without_reduction),
-    "computed, 256/program, pointers in work rows": dict(work=work_row_with_pointers, tables=tables_with_pointers),
 }
 _SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "QUANTIZED_MAX_REGISTERS", "num_warps_for",
              "_optim_update_kernel", "codes_for_kernels", "_tables", "ALIGNMENT_HINTS")

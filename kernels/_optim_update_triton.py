@@ -54,7 +54,7 @@ LION: tl.constexpr = tl.constexpr(ALGORITHMS.index("lion"))
 SGD: tl.constexpr = tl.constexpr(ALGORITHMS.index("sgd"))
 RMSPROP: tl.constexpr = tl.constexpr(ALGORITHMS.index("rmsprop"))
 
-# Columns of the per-parameter table (int64): data pointers, then the element count.
+# Columns of the per-parameter table (int64): data pointers, the element count, then the launch bases.
 COL_PARAM: tl.constexpr = tl.constexpr(0)
 COL_GRAD: tl.constexpr = tl.constexpr(1)
 COL_STATE1: tl.constexpr = tl.constexpr(2)
@@ -62,10 +62,13 @@ COL_STATE2: tl.constexpr = tl.constexpr(3)
 COL_ABSMAX1: tl.constexpr = tl.constexpr(4)
 COL_ABSMAX2: tl.constexpr = tl.constexpr(5)
 COL_NUMEL: tl.constexpr = tl.constexpr(6)
+# The parameter's base in each launch (whole programs, the others): its programs there start at its block
+# (program - base) * ROWS. Kept in the row, where the program reads it with the pointers, rather than in a
+# table of its own: 15 fewer instructions per element at 256-element programs of 4 warps (compiled for sm_90).
+COL_WHOLE_BASE: tl.constexpr = tl.constexpr(7)
+COL_PARTIAL_BASE: tl.constexpr = tl.constexpr(8)
 DATA_COLS = 4  # param, grad, state1, state2: the pointers whose data is read and written element by element
-TABLE_COLS: tl.constexpr = tl.constexpr(7)
-# Columns of the per-program table (int64): parameter row, first block.
-WORK_COLS: tl.constexpr = tl.constexpr(2)
+TABLE_COLS: tl.constexpr = tl.constexpr(9)
 
 INF: tl.constexpr = tl.constexpr(float("inf"))
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
@@ -87,7 +90,7 @@ QUANTIZED_ELEMENTS_PER_PROGRAM = 256
 QUANTIZED_MIN_WARPS = 4
 # Registers per thread ptxas may use for those programs (its --maxrregcount; None: its own choice). A lower cap
 # lets more warps be resident at the cost of recomputed values: compiled offline for sm_90, 256-element programs
-# of one warp take 72 registers and 134 instructions per element by themselves, 48 and 139 under a cap of 48,
+# of one warp take 78 registers and 131 instructions per element by themselves, 48 and 140 under a cap of 48,
 # with no spills (benchmarks/optim_gpu_variants.py times such layouts; docs/optim.md).
 QUANTIZED_MAX_REGISTERS: int | None = None
 # Bytes every data pointer of a bucket must be a multiple of for the kernel's vectorised path (one 128-bit access).
@@ -255,16 +258,19 @@ def _store_state(
 
 
 @triton.jit
-def _work_item(table_ptr, work_ptr, ROWS: tl.constexpr):
-    """This program's parameter (the address of its row in the pointer table) and first block."""
-    work = work_ptr + tl.program_id(0) * WORK_COLS
-    return table_ptr + tl.load(work) * TABLE_COLS, tl.load(work + 1)
+def _work_item(table_ptr, work_ptr, ROWS: tl.constexpr, WHOLE: tl.constexpr):
+    """This program's parameter (the address of its row in the pointer table) and first block: the work table
+    names the parameter (int32), and the parameter's base in this launch, in its row, gives the block."""
+    program = tl.program_id(0)
+    row = table_ptr + tl.load(work_ptr + program) * TABLE_COLS
+    base = tl.load(row + (COL_WHOLE_BASE if WHOLE else COL_PARTIAL_BASE))
+    return row, (program - base) * ROWS
 
 
 @triton.jit
 def _optim_update_kernel(
     table_ptr,  # int64 [nparams, TABLE_COLS]
-    work_ptr,  # int64 [nprograms, WORK_COLS]
+    work_ptr,  # int32 [nprograms]: each program's parameter (program k of parameter i: block (k - base) * ROWS)
     qmap1_ptr, mid1_ptr, n_mid1,  # first-moment map [2**bits] and its midpoints [n_mid1], fp32
     qmap2_ptr, mid2_ptr, n_mid2,  # the same for the second moment
     lr, beta1, beta2, eps, weight_decay,
@@ -284,7 +290,7 @@ def _optim_update_kernel(
     ALIGNED: tl.constexpr,  # every data pointer is a multiple of ALIGNMENT bytes
     WHOLE: tl.constexpr,  # every program's rows are whole blocks of TILE elements inside their tensor
 ):
-    row, first_block = _work_item(table_ptr, work_ptr, ROWS)
+    row, first_block = _work_item(table_ptr, work_ptr, ROWS, WHOLE)
     numel = tl.load(row + COL_NUMEL)
     block = first_block + tl.arange(0, ROWS)  # [ROWS]
     lanes = tl.arange(0, TILE)[None, :]  # [1, TILE]
@@ -445,27 +451,35 @@ def _layout(bits: int, blocksize: int) -> _Layout:
 @dataclass(frozen=True)
 class _LaunchTables:
     """What a bucket's launches read, on the device: the pointer table [nparams, TABLE_COLS] and two work tables
-    [nprograms, WORK_COLS], one for the programs whose rows are all whole blocks inside their tensor (the
-    kernel's mask-free copy, launched with WHOLE) and one for the rest (a tensor's last program, or all of them
-    when blocks are not a power of two long); and whether every data pointer (parameter, gradient, states) is a
-    multiple of ALIGNMENT bytes, which the vectorised accesses need (fresh CUDA allocations are; a view at an odd
-    offset may not be)."""
+    (int32 [nprograms], each program's parameter: 4 bytes per program, 1/64 byte per element at 256-element
+    programs), one for the programs whose rows are all whole blocks inside their tensor (the kernel's mask-free
+    copy, launched with WHOLE) and one for the rest (a tensor's last program, or all of them when blocks are not
+    a power of two long); and whether every data pointer (parameter, gradient, states) is a multiple of
+    ALIGNMENT bytes, which the vectorised accesses need (fresh CUDA allocations are; a view at an odd offset may
+    not be)."""
 
     pointers: torch.Tensor
     whole_work: torch.Tensor
     partial_work: torch.Tensor
     aligned: bool
 
+    def first_blocks(self, whole: bool, rows: int) -> list[tuple[int, int]]:
+        """(parameter, first block) of every program of one launch, on the host (for tests)."""
+        work = (self.whole_work if whole else self.partial_work).cpu().long()
+        bases = self.pointers.cpu()[work, (COL_WHOLE_BASE if whole else COL_PARTIAL_BASE).value]
+        return list(zip(work.tolist(), ((torch.arange(work.numel()) - bases) * rows).tolist()))
 
-def _work_table(first_program: Sequence[int], end_program: Sequence[int], rows: int) -> torch.Tensor:
-    """Rows (parameter index, first block) for programs ``first_program[i] <= k < end_program[i]`` of each
-    parameter ``i``, program ``k`` starting at block ``k * rows`` (vectorised: a large model has millions)."""
+
+def _work_table(first_program: Sequence[int], end_program: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A launch of programs ``first_program[i] <= j < end_program[i]`` of each parameter ``i`` (its ``j``-th
+    program starts at block ``j * rows``), in parameter order: each program's parameter (int32 [nprograms]) and
+    each parameter's base (int64 [nparams]; launch program ``k`` of parameter ``i`` is its program
+    ``k - base[i]``). Vectorised: a large model has millions of programs."""
     first = torch.tensor(first_program, dtype=torch.int64)
     counts = torch.tensor(end_program, dtype=torch.int64) - first  # [nparams]
-    param_row = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # [nprograms]
-    before = torch.cumsum(counts, 0) - counts  # programs of the parameters before each one
-    program = torch.arange(param_row.numel()) - before[param_row] + first[param_row]
-    return torch.stack([param_row, program * rows], dim=1)
+    params = torch.repeat_interleave(torch.arange(counts.numel(), dtype=torch.int32), counts)  # [nprograms]
+    start = torch.cumsum(counts, 0) - counts  # the launch's first program of each parameter
+    return params, start - first
 
 
 def _tables(tensors: Sequence[tuple], numels: Sequence[int], layout: _Layout, device: torch.device) -> _LaunchTables:
@@ -476,14 +490,17 @@ def _tables(tensors: Sequence[tuple], numels: Sequence[int], layout: _Layout, de
         _table_cache.move_to_end(key)
         return cached
     aligned = all(_address(t) % ALIGNMENT_BYTES == 0 for row in tensors for t in row[:DATA_COLS])
-    table = torch.tensor([[_address(t) for t in row] + [n] for row, n in zip(tensors, numels)], dtype=torch.int64)
     programs = [triton.cdiv(num_blocks(n, layout.rows_len), layout.rows) for n in numels]
     # Whole programs: rows of exactly TILE elements (blocks of a power-of-two size), all inside the tensor.
     whole = [n // (layout.tile * layout.rows) if layout.rows_len == layout.tile else 0 for n in numels]
-    tables = [table, _work_table([0] * len(numels), whole, layout.rows), _work_table(whole, programs, layout.rows)]
+    (whole_work, whole_bases), (partial_work, partial_bases) = _work_table([0] * len(numels), whole), _work_table(
+        whole, programs)
+    table = torch.tensor([[_address(t) for t in row] + [n] for row, n in zip(tensors, numels)], dtype=torch.int64)
+    table = torch.cat([table, whole_bases[:, None], partial_bases[:, None]], dim=1)
+    launch = [table, whole_work, partial_work]
     if device.type == "cuda":  # upload asynchronously from pinned memory: no wait on the device
-        tables = [t.pin_memory() for t in tables]
-    cached = _LaunchTables(*(t.to(device, non_blocking=True) for t in tables), aligned)
+        launch = [t.pin_memory() for t in launch]
+    cached = _LaunchTables(*(t.to(device, non_blocking=True) for t in launch), aligned)
     _table_cache[key] = cached
     if len(_table_cache) > TABLE_CACHE_SIZE:
         _table_cache.popitem(last=False)

@@ -43,7 +43,7 @@ MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 FLOAT = "fp32"
 # The update kernel's runtime arguments as the launcher passes them (tensors are pointers).
 UPDATE_ARGUMENT_TYPES = dict(
-    table_ptr="*i64", work_ptr="*i64", qmap1_ptr="*fp32", mid1_ptr="*fp32", n_mid1="i32",
+    table_ptr="*i64", work_ptr="*i32", qmap1_ptr="*fp32", mid1_ptr="*fp32", n_mid1="i32",
     qmap2_ptr="*fp32", mid2_ptr="*fp32", n_mid2="i32", lr=FLOAT, beta1=FLOAT, beta2=FLOAT,
     eps=FLOAT, weight_decay=FLOAT, one_minus_beta1=FLOAT, one_minus_beta2=FLOAT, one_minus_dampening=FLOAT,
     decay_factor=FLOAT, step_size=FLOAT, bias_correction2_sqrt=FLOAT, bias_correction2_reciprocal=FLOAT,
@@ -174,7 +174,8 @@ PATHS = [("masked", False, False), ("whole", True, False), ("whole+aligned", Tru
 # benchmarks/optim_gpu_variants.py: one warp per block (256/1, 512/2, 1024/4) holds 8 elements per thread, so a
 # block's maxima need no shared memory; two warps per block (256/2) hold 4 each, between that and the launcher's 2.
 # Programs of one warp are held to 32 warps per SM by the program limit, which 64 registers already allow.
-LAYOUTS = [(1, 1, None), (1, 1, 64), (1, 2, None), (1, 2, 40), (2, 2, None), (2, 2, 48), (2, 4, None), (4, 4, None)]
+LAYOUTS = [(1, 4, 32), (1, 1, None), (1, 1, 64), (1, 2, None), (1, 2, 40), (2, 2, None), (2, 2, 48), (2, 4, None),
+           (4, 4, None)]
 OTHER_LAYOUT = "other layout: "  # label prefix of those (the rest are the launcher's own layouts)
 
 

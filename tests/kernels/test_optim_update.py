@@ -298,9 +298,10 @@ def test_triton_work_tables_cover_every_block_once(triton_device, bits, blocksiz
     numels = [1, layout.rows_len, layout.rows_len * layout.rows, layout.rows_len * layout.rows * 3 + 7, 4097]
     tensors = [(torch.empty(n, device=triton_device),) * 2 + (None,) * 4 for n in numels]
     tables = update._tables(tensors, numels, layout, torch.device(triton_device))
+    assert tables.whole_work.dtype == tables.partial_work.dtype == torch.int32  # 4 bytes per program
     covered = {}
-    for work, whole in ((tables.whole_work, True), (tables.partial_work, False)):
-        for param, first_block in work.tolist():
+    for whole in (True, False):
+        for param, first_block in tables.first_blocks(whole, layout.rows):
             for block in range(first_block, first_block + layout.rows):
                 if block * layout.rows_len < numels[param]:
                     assert (param, block) not in covered
