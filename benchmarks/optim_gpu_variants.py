@@ -80,14 +80,20 @@ def work_from_program_id(table_ptr, work_ptr, ROWS: tl.constexpr, WHOLE: tl.cons
     return table_ptr, tl.program_id(0).to(tl.int64) * ROWS
 
 
+_ALL_MASKED: dict[int, update._LaunchTables] = {}
+
+
 def tables_all_masked(tensors, numels, layout, device):
-    """Every program through the masked path with no alignment hints: the kernel before whole programs."""
+    """Every program through the masked path with no alignment hints: the kernel before whole programs (built
+    once per set of tables, so that the timed steps do not rebuild them)."""
     tables = _TABLES(tensors, numels, layout, device)
-    programs = [triton.cdiv(num_blocks(n, layout.rows_len), layout.rows) for n in numels]
-    work, bases = update._work_table([0] * len(numels), programs)
-    pointers = tables.pointers.clone()
-    pointers[:, update.COL_PARTIAL_BASE.value] = bases.to(device)
-    return update._LaunchTables(pointers, work[:0].to(device), work.to(device), False)
+    if id(tables) not in _ALL_MASKED:
+        programs = [triton.cdiv(num_blocks(n, layout.rows_len), layout.rows) for n in numels]
+        work, bases = update._work_table([0] * len(numels), programs)
+        pointers = tables.pointers.clone()
+        pointers[:, update.COL_PARTIAL_BASE.value] = bases.to(device)
+        _ALL_MASKED[id(tables)] = update._LaunchTables(pointers, work[:0].to(device), work.to(device), False)
+    return _ALL_MASKED[id(tables)]
 
 
 _TABLES = update._tables
