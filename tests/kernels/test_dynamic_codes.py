@@ -163,7 +163,7 @@ def test_triton_level_constants_equal_the_verified_table(triton_device, bits, si
     assert torch.equal(out.cpu()[levels], codes.table[levels])
 
 
-def test_update_kernel_computes_codes_only_for_large_dynamic_maps():
+def test_update_kernel_computes_codes_for_dynamic_maps_only():
     pytest.importorskip("triton")
     from effllm.kernels._optim_update_triton import _map_args
 
@@ -172,5 +172,5 @@ def test_update_kernel_computes_codes_only_for_large_dynamic_maps():
     computed = {name: _map_args(qmap, device, placeholder)[1]["COMPUTED"] for name, qmap in {
         "dynamic-8": dynamic_map(True, 8), "dynamic-unsigned-8": dynamic_map(False, 8),
         "dynamic-4": dynamic_map(True, 4), "linear-8": linear_map(True, 8)}.items()}
-    # A 16-entry map lies in one cache line: searching it costs no more than computing.
-    assert computed == {"dynamic-8": True, "dynamic-unsigned-8": True, "dynamic-4": False, "linear-8": False}
+    # Every verified dynamic map, 4-bit ones too (fewer instructions than the search); other maps are searched.
+    assert computed == {"dynamic-8": True, "dynamic-unsigned-8": True, "dynamic-4": True, "linear-8": False}
