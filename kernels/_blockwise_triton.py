@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import _check, num_blocks
-from .dynamic_codes import codes_for_kernels
+from .dynamic_codes import SEARCHED, codes_for_kernels
 from .quant_maps import map_midpoints
 
 # Largest tile one program holds in registers; longer blocks are walked in tiles of this size.
@@ -62,10 +62,11 @@ def nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS: tl.constexpr):
 @triton.jit
 def map_code(x, mid_ptr, n_mid,
              BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
-    """The nearest map entry of each normalised value: computed for a verified dynamic map (``COMPUTED``, see
-    ``dynamic_codes.codes_for_kernels``), else searched for."""
+    """The nearest map entry of each normalised value: computed for a verified dynamic or linear map
+    (``COMPUTED``, the map's kind in ``dynamic_codes``; see ``dynamic_codes.codes_for_kernels``), else searched
+    for (``COMPUTED`` 0)."""
     if COMPUTED:
-        return dynamic_encode(x, mid_ptr, BITS, SIGNED)
+        return dynamic_encode(x, mid_ptr, BITS, SIGNED, COMPUTED)
     else:
         return nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS)
 
@@ -100,7 +101,7 @@ def _quantize_blockwise_kernel(
     ROWS: tl.constexpr,  # blocks per program
     TILE: tl.constexpr,  # power of two >= blocksize, or MAX_TILE for longer blocks
     SEARCH_STEPS: tl.constexpr,
-    COMPUTED: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,  # codes computed (dynamic maps)
+    COMPUTED: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,  # codes computed: the map's kind, or 0
 ):
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_start = block[:, None] * blocksize  # [ROWS, 1]
@@ -181,7 +182,7 @@ def quantize_blockwise_triton(
         _quantize_blockwise_kernel[(triton.cdiv(nblocks, rows),)](
             flat, codes, absmax, midpoints, midpoints.numel(), numel, nblocks, blocksize,
             ROWS=rows, TILE=tile, SEARCH_STEPS=search_steps(qmap.numel()),
-            COMPUTED=dynamic is not None, BITS=dynamic.bits if dynamic is not None else 0,
+            COMPUTED=dynamic.kind if dynamic is not None else SEARCHED, BITS=dynamic.bits if dynamic is not None else 0,
             SIGNED=dynamic is not None and dynamic.signed, num_warps=num_warps_for(rows * tile),
         )
     return codes, absmax

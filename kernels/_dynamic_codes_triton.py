@@ -12,9 +12,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import dynamic_codes
 from .quant_maps import _DECADE_LOW
 
 DECADE_LOW: tl.constexpr = tl.constexpr(_DECADE_LOW)
+DYNAMIC: tl.constexpr = tl.constexpr(dynamic_codes.DYNAMIC)
+LINEAR: tl.constexpr = tl.constexpr(dynamic_codes.LINEAR)
 
 
 @triton.jit
@@ -33,9 +36,20 @@ def level_parameters(LEVEL: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constex
 
 
 @triton.jit
-def dynamic_encode(x, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """The nearest code (int32) of each fp32 ``x``, as ``torch.bucketize(x, midpoints)``: the value's position
-    in the map puts the code at ``candidate - 1`` or ``candidate``; the midpoint between them decides."""
+def linear_parameters(BITS: tl.constexpr, KIND: tl.constexpr):
+    """(slope, offset) of the one line of ``linear_map(False, BITS, KIND == LINEAR)``, as ``dynamic_codes.
+    _build_linear`` sets them."""
+    if KIND == LINEAR:
+        return tl.full((), 2**BITS - 1, tl.float32), tl.full((), -0.5, tl.float32)
+    else:
+        return tl.full((), 2**BITS, tl.float32), tl.full((), 0.5, tl.float32)
+
+
+@triton.jit
+def dynamic_encode(x, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr, KIND: tl.constexpr):
+    """The nearest code (int32) of each fp32 ``x``, as ``torch.bucketize(x, midpoints)``, for a map of ``KIND``
+    (``dynamic_codes.DYNAMIC``, ``LINEAR``, ``LINEAR_NOZERO``): the value's position in the map puts the code at
+    ``candidate - 1`` or ``candidate``; the midpoint between them decides."""
     top = (1 << BITS) - 1
     if SIGNED:
         magnitude = tl.abs(x)
@@ -43,12 +57,16 @@ def dynamic_encode(x, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr):
         magnitude = x
     # The position plus one half (truncation then rounds it) is the lowest of the levels' lines (dynamic_codes: each
     # line is steeper than the next and they meet where the levels do): a fused multiply-add and a minimum per
-    # level, no comparisons or selects.
-    _, slope, offset = level_parameters(0, BITS, SIGNED)
-    rounded = tl.fma(magnitude, slope, 0.5 - offset)
-    for level in tl.static_range(1, BITS - 1):
-        _, slope, offset = level_parameters(level, BITS, SIGNED)
-        rounded = tl.minimum(rounded, tl.fma(magnitude, slope, 0.5 - offset))
+    # level, no comparisons or selects. A linear map is one line.
+    if KIND == DYNAMIC:
+        _, slope, offset = level_parameters(0, BITS, SIGNED)
+        rounded = tl.fma(magnitude, slope, 0.5 - offset)
+        for level in tl.static_range(1, BITS - 1):
+            _, slope, offset = level_parameters(level, BITS, SIGNED)
+            rounded = tl.minimum(rounded, tl.fma(magnitude, slope, 0.5 - offset))
+    else:
+        slope, offset = linear_parameters(BITS, KIND)
+        rounded = tl.fma(magnitude, slope, 0.5 - offset)
     if SIGNED:
         rounded = tl.where(x < 0, (top + 1) - rounded, rounded)  # the mirror image: top - position, plus one half
     # The minimum ignores NaN (PTX ``min``, numpy's ``fmin`` under the interpreter): a NaN becomes the top code

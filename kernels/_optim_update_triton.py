@@ -42,7 +42,7 @@ from ._blockwise_triton import (
     to_storage_dtype,
 )
 from .blockwise import num_blocks
-from .dynamic_codes import codes_for_kernels
+from .dynamic_codes import SEARCHED, codes_for_kernels
 from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, UpdatePlan, kernel_scalars, optim_update_ref
 from .packing import packed_numel
 from .quant_maps import map_midpoints
@@ -511,11 +511,11 @@ def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torc
     """The kernel's arguments for one state's map: (map, midpoints, number of midpoints) and its constexprs
     (search steps, whether codes are computed, signed); placeholders at 32 bits."""
     if qmap is None:
-        return [placeholder, placeholder, 0], dict(SEARCH=0, COMPUTED=False, SIGNED=False)
+        return [placeholder, placeholder, 0], dict(SEARCH=0, COMPUTED=SEARCHED, SIGNED=False)
     table = qmap.to(device=device, dtype=torch.float32).contiguous()
     midpoints = map_midpoints(table).contiguous()
     codes = codes_for_kernels(qmap, device)
-    constexprs = dict(SEARCH=search_steps(table.numel()), COMPUTED=codes is not None,
+    constexprs = dict(SEARCH=search_steps(table.numel()), COMPUTED=codes.kind if codes is not None else SEARCHED,
                       SIGNED=codes is not None and codes.signed)
     return [table, midpoints, midpoints.numel()], constexprs
 

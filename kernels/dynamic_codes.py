@@ -24,9 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant_maps import _DECADE_LOW, dynamic_map, map_midpoints
+from .quant_maps import _DECADE_LOW, dynamic_map, linear_map, map_midpoints
 
 MIN_BITS, MAX_BITS = 2, 8
+# The maps whose codes are computed, as the kernels' ``COMPUTED`` constexpr numbers them (0: searched). An
+# unsigned linear map is a single line: its position is computed as a dynamic map's is within one level.
+SEARCHED, DYNAMIC, LINEAR, LINEAR_NOZERO = 0, 1, 2, 3
 # Table layout (float32, one row per level, LEVELS_CAPACITY rows per column): level thresholds, slopes,
 # offsets. A value's position in the map is value * slope - offset, within its level.
 LEVELS_CAPACITY = MAX_BITS - 1
@@ -50,32 +53,36 @@ def zero_code(bits: int, signed: bool) -> int:
 
 @dataclass(frozen=True)
 class DynamicCodes:
-    """Parameters of the computed codes of ``dynamic_map(signed, bits)``: ``table`` (float32 [TABLE_SIZE])."""
+    """Parameters of the computed codes of ``dynamic_map(signed, bits)`` (``kind`` DYNAMIC), or of an unsigned
+    ``linear_map(False, bits, include_zero)`` (LINEAR, LINEAR_NOZERO; one level): ``table`` (float32
+    [TABLE_SIZE])."""
 
     signed: bool
     bits: int
     table: torch.Tensor
+    kind: int = DYNAMIC
 
     @property
     def levels(self) -> int:
-        return levels_of(self.bits)
+        return levels_of(self.bits) if self.kind == DYNAMIC else 1
 
     def to(self, device: torch.device | str) -> DynamicCodes:
-        return DynamicCodes(self.signed, self.bits, self.table.to(device))
+        return DynamicCodes(self.signed, self.bits, self.table.to(device), self.kind)
 
     @staticmethod
     def for_map(qmap: torch.Tensor, device: torch.device | str | None = None) -> DynamicCodes | None:
-        """The parameters, on ``device`` (default the map's), if ``qmap`` is a dynamic map whose computed codes
-        verify, else ``None``. Reads the map's values once per map tensor and device, not at every call (reading
-        a GPU tensor waits for the device)."""
+        """The parameters, on ``device`` (default the map's), if ``qmap`` is a dynamic map or an unsigned linear
+        map whose computed codes verify, else ``None``. Reads the map's values once per map tensor and device, not
+        at every call (reading a GPU tensor waits for the device)."""
         return _for_map_cached(qmap, torch.device(device) if device is not None else qmap.device)
 
 
 def codes_for_kernels(qmap: torch.Tensor, device: torch.device | str | None = None) -> DynamicCodes | None:
     """The ``DynamicCodes`` kernels compute ``qmap``'s codes with, or None where they search (maps that are not
-    verified dynamic maps). The 4-bit maps are computed too, although their 16 entries fit in one cache line:
-    the GPU update is bound by instruction issue, and a computed 4-bit code takes fewer instructions than the
-    search's 4 dependent steps (4-bit Adam compiled for sm_90: 266.5 against 284 per element)."""
+    verified dynamic or unsigned linear maps). The 4-bit maps are computed too, although their 16 entries fit in
+    one cache line: the GPU update is bound by instruction issue, and a computed 4-bit code takes fewer
+    instructions than the search's 4 dependent steps (4-bit Adam compiled for sm_90: 266.5 against 284 per
+    element with its first moment's dynamic map computed)."""
     return DynamicCodes.for_map(qmap, device)
 
 
@@ -99,6 +106,18 @@ def _build(signed: bool, bits: int) -> DynamicCodes | None:
     return codes if verify_encode(codes, dynamic_map(signed, bits)) else None
 
 
+@functools.lru_cache(maxsize=_CACHED)
+def _build_linear(bits: int, include_zero: bool) -> DynamicCodes | None:
+    """The one line of ``linear_map(False, bits, include_zero)``: values ``k / (2**bits - 1)``, or ``(k + 1) /
+    2**bits`` without zero, so the position ``k + 0.5`` at the k-th value is ``value * slope - offset``."""
+    table = torch.zeros(TABLE_SIZE, dtype=torch.float32)
+    slope = 2**bits - 1 if include_zero else 2**bits
+    table[COL_SLOPE * LEVELS_CAPACITY] = slope
+    table[COL_OFFSET * LEVELS_CAPACITY] = -0.5 if include_zero else 0.5
+    codes = DynamicCodes(False, bits, table, LINEAR if include_zero else LINEAR_NOZERO)
+    return codes if verify_encode(codes, linear_map(False, bits, include_zero)) else None
+
+
 # (id(map tensor), device) -> (weak reference, version counter, parameters on that device or None).
 _BY_IDENTITY: dict[tuple[int, torch.device], tuple[weakref.ref, int, DynamicCodes | None]] = {}
 
@@ -114,9 +133,14 @@ def _for_map_cached(qmap: torch.Tensor, device: torch.device) -> DynamicCodes | 
         bits = size.bit_length() - 1
         values = qmap.detach().to("cpu", torch.float32)
         signed = bool(values[0] < 0)
+        built = None
         if torch.equal(values, dynamic_map(signed, bits)):
             built = _build(signed, bits)
-            found = built.to(device) if built is not None else None
+        elif not signed and torch.equal(values, linear_map(False, bits, True)):
+            built = _build_linear(bits, True)
+        elif not signed and torch.equal(values, linear_map(False, bits, False)):
+            built = _build_linear(bits, False)
+        found = built.to(device) if built is not None else None
     if len(_BY_IDENTITY) >= _CACHED:
         _BY_IDENTITY.clear()
     _BY_IDENTITY[key] = (weakref.ref(qmap), qmap._version, found)

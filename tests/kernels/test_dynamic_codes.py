@@ -15,14 +15,18 @@ from effllm.kernels.dynamic_codes import (
     COL_OFFSET,
     COL_SLOPE,
     COL_THRESHOLD,
+    DYNAMIC,
     LEVELS_CAPACITY,
+    LINEAR,
+    LINEAR_NOZERO,
+    SEARCHED,
     DynamicCodes,
     encode_ref,
     fma32,
     probes,
     verify_encode,
 )
-from effllm.kernels.quant_maps import dynamic_map, linear_map, map_midpoints
+from effllm.kernels.quant_maps import dynamic_map, linear_map, make_map, map_midpoints
 
 if triton_available():
     import triton
@@ -31,11 +35,11 @@ if triton_available():
 
     @triton.jit
     def _encode_kernel(x_ptr, out_ptr, numel, mid_ptr, BITS: tl.constexpr, SIGNED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       KIND: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, dynamic_encode(x, mid_ptr, BITS, SIGNED), mask=mask)
+        tl.store(out_ptr + offs, dynamic_encode(x, mid_ptr, BITS, SIGNED, KIND), mask=mask)
 
     _THRESHOLDS: tl.constexpr = tl.constexpr(COL_THRESHOLD * LEVELS_CAPACITY)
     _SLOPES: tl.constexpr = tl.constexpr(COL_SLOPE * LEVELS_CAPACITY)
@@ -110,11 +114,25 @@ def test_computed_code_equals_bucketize(bits, signed):
     assert torch.equal(encode_ref(codes, x, midpoints), torch.bucketize(x, midpoints))
 
 
+LINEAR_MAPS = [(bits, include_zero) for bits in range(2, 9) for include_zero in (True, False)]
+
+
+@pytest.mark.parametrize("bits,include_zero", LINEAR_MAPS)
+def test_unsigned_linear_maps_are_one_line(bits, include_zero):
+    qmap = linear_map(False, bits, include_zero)
+    codes = DynamicCodes.for_map(qmap)
+    assert codes is not None and codes.kind == (LINEAR if include_zero else LINEAR_NOZERO) and codes.levels == 1
+    x, midpoints = probes(qmap, codes, seed=2), map_midpoints(qmap)
+    assert torch.equal(encode_ref(codes, x, midpoints), torch.bucketize(x, midpoints))
+
+
 def test_other_maps_keep_the_search():
     nudged = dynamic_map(True, 8)
     nudged[200] = nudged[200].nextafter(torch.tensor(2.0))  # one entry one ulp off
-    for qmap in (linear_map(True, 8), linear_map(False, 8), linear_map(False, 4, include_zero=False), nudged,
-                 dynamic_map(True, 8)[:100], dynamic_map(True, 8).flip(0)):
+    nudged_linear = linear_map(False, 8)
+    nudged_linear[100] = nudged_linear[100].nextafter(torch.tensor(2.0))
+    # The signed linear map repeats -1 (a symmetric grid in 2**bits entries): not one line, searched.
+    for qmap in (linear_map(True, 8), nudged_linear, nudged, dynamic_map(True, 8)[:100], dynamic_map(True, 8).flip(0)):
         assert DynamicCodes.for_map(qmap) is None
 
 
@@ -136,19 +154,20 @@ def test_verification_rejects_wrong_parameters(column, change):
     assert not verify_encode(dataclasses.replace(codes, table=table), qmap)
 
 
-@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (5, True)])
-def test_triton_encoder_equals_bucketize(triton_device, bits, signed):
+@pytest.mark.parametrize("kind,bits,signed", [("dynamic", 8, True), ("dynamic", 8, False), ("dynamic", 5, True),
+                                              ("linear", 8, False), ("linear_nozero", 4, False)])
+def test_triton_encoder_equals_bucketize(triton_device, kind, bits, signed):
     device = triton_device
     import triton
 
-    qmap = dynamic_map(signed, bits)
+    qmap = make_map(kind, signed, bits)
     codes = DynamicCodes.for_map(qmap, device)
     midpoints = map_midpoints(qmap)
     x = probes(qmap, codes)[:30_000] if device == "cpu" else probes(qmap, codes)  # the interpreter is slow
     out = torch.full(x.shape, -1, dtype=torch.int32, device=device)
     block = 1024
     _encode_kernel[(triton.cdiv(x.numel(), block),)](x.to(device), out, x.numel(), midpoints.to(device), bits,
-                                                    signed, block)
+                                                    signed, codes.kind, block)
     assert torch.equal(out.cpu().long(), torch.bucketize(x, midpoints))
 
 
@@ -163,7 +182,7 @@ def test_triton_level_constants_equal_the_verified_table(triton_device, bits, si
     assert torch.equal(out.cpu()[levels], codes.table[levels])
 
 
-def test_update_kernel_computes_codes_for_dynamic_maps_only():
+def test_update_kernel_computes_codes_for_dynamic_and_unsigned_linear_maps():
     pytest.importorskip("triton")
     from effllm.kernels._optim_update_triton import _map_args
 
@@ -171,6 +190,8 @@ def test_update_kernel_computes_codes_for_dynamic_maps_only():
     device = torch.device("cpu")
     computed = {name: _map_args(qmap, device, placeholder)[1]["COMPUTED"] for name, qmap in {
         "dynamic-8": dynamic_map(True, 8), "dynamic-unsigned-8": dynamic_map(False, 8),
-        "dynamic-4": dynamic_map(True, 4), "linear-8": linear_map(True, 8)}.items()}
-    # Every verified dynamic map, 4-bit ones too (fewer instructions than the search); other maps are searched.
-    assert computed == {"dynamic-8": True, "dynamic-unsigned-8": True, "dynamic-4": True, "linear-8": False}
+        "dynamic-4": dynamic_map(True, 4), "linear-8": linear_map(True, 8),
+        "linear-nozero-4": linear_map(False, 4, include_zero=False)}.items()}
+    # Every verified map, 4-bit ones too (fewer instructions than the search); the signed linear map is searched.
+    assert computed == {"dynamic-8": DYNAMIC, "dynamic-unsigned-8": DYNAMIC, "dynamic-4": DYNAMIC,
+                        "linear-8": SEARCHED, "linear-nozero-4": LINEAR_NOZERO}
