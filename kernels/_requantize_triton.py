@@ -5,7 +5,8 @@ interpreter (``TRITON_INTERPRET=1``).
 
 One pass: each program takes ``ROWS`` blocks (blocks are numbered row by row, ``blocks_per_row`` to a row, so
 none straddles two rows), loads them, takes each block's absmax, finds every value's nearest map entry with the
-same IEEE division and fp32 midpoints as the quantize kernel (``_blockwise_triton.nearest_code``), decodes
+same IEEE division and fp32 midpoints as the quantize kernel (``_blockwise_triton.map_code``: computed for the
+dynamic and unsigned linear maps, searched for others), decodes
 ``qmap[code] * absmax`` and stores it in ``x``'s dtype. Codes never reach memory. The result equals the
 reference bit for bit.
 """
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._blockwise_triton import (
-    nearest_code,
+    map_code,
     num_warps_for,
     on_device,
     rows_for,
@@ -26,6 +27,7 @@ from ._blockwise_triton import (
     to_storage_dtype,
 )
 from .blockwise import _check, num_blocks
+from .dynamic_codes import SEARCHED, codes_for_kernels
 from .quant_maps import map_midpoints
 from .requantize import rows_of
 
@@ -47,6 +49,7 @@ def _requantize_blockwise_kernel(
     TILE: tl.constexpr,  # power of two >= span, or MAX_TILE for longer blocks
     ONE_TILE: tl.constexpr,  # span <= TILE: a block stays in registers between absmax and coding
     SEARCH_STEPS: tl.constexpr,
+    COMPUTED: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,  # codes computed: the map's kind, or 0
 ):
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] blocks, numbered row by row
     row = block // blocks_per_row  # [ROWS]
@@ -62,7 +65,7 @@ def _requantize_blockwise_kernel(
         x = tl.load(x_row + col, mask=mask, other=0.0).to(tl.float32)
         absmax = tl.max(tl.abs(x), axis=1)[:, None]  # [ROWS, 1]
         scale = tl.where(absmax > 0, absmax, 1.0)  # an all-zero block divides by 1 (and decodes to 0)
-        code = nearest_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, SEARCH_STEPS)
+        code = map_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
         value = tl.load(qmap_ptr + code, mask=mask, other=0.0) * absmax
         tl.store(out_row + col, to_storage_dtype(value, out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -81,7 +84,7 @@ def _requantize_blockwise_kernel(
             col = col_start[:, None] + in_block
             mask = block_ok & (in_block < span) & (col < width)
             x = tl.load(x_row + col, mask=mask, other=0.0).to(tl.float32)
-            code = nearest_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, SEARCH_STEPS)
+            code = map_code(tl.math.div_rn(x, scale), mid_ptr, n_mid, BITS, SEARCH_STEPS, COMPUTED, SIGNED)
             value = tl.load(qmap_ptr + code, mask=mask, other=0.0) * absmax
             tl.store(out_row + col, to_storage_dtype(value, out_ptr.dtype.element_ty), mask=mask)
 
@@ -103,10 +106,13 @@ def requantize_blockwise_triton(x: torch.Tensor, qmap: torch.Tensor, blocksize: 
     tile = tile_for(span)
     blocks_per_program = rows_for(tile)
     grid = (triton.cdiv(n_rows * blocks_per_row, blocks_per_program),)
+    computed = codes_for_kernels(qmap, x.device)
     with on_device(x.device):
         _requantize_blockwise_kernel[grid](
             rows, out, table, midpoints, midpoints.numel(), n_rows, width, blocks_per_row, blocksize, span,
             rows.stride(0), ROWS=blocks_per_program, TILE=tile, ONE_TILE=span <= tile,
-            SEARCH_STEPS=search_steps(table.numel()), num_warps=num_warps_for(blocks_per_program * tile),
+            SEARCH_STEPS=search_steps(table.numel()), COMPUTED=computed.kind if computed is not None else SEARCHED,
+            BITS=computed.bits if computed is not None else 0, SIGNED=computed is not None and computed.signed,
+            num_warps=num_warps_for(blocks_per_program * tile),
         )
     return out.view(x.shape)
