@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from effllm.kernels import _optim_update_triton as update
-from effllm.kernels._blockwise_triton import map_code
+from effllm.kernels._blockwise_triton import map_code, search_steps
 from effllm.kernels.blockwise import num_blocks
+from effllm.kernels.dynamic_codes import SEARCHED
 from effllm.kernels.optim_update import Hyper, ParamSlot
 from effllm.kernels.quant_maps import dynamic_map
 
@@ -126,14 +127,15 @@ VARIANTS = {
     "diag: no absmax reductions": dict(store=store_without_reduction),
 }
 _SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "QUANTIZED_MAX_REGISTERS", "num_warps_for",
-             "_optim_update_kernel", "codes_for_kernels", "_tables", "ALIGNMENT_HINTS")
+             "_optim_update_kernel", "map_code_constexprs", "_tables", "ALIGNMENT_HINTS")
 
 
 def apply(spec: dict) -> dict:
     """Patch the kernel module for one variant; returns what to restore."""
     saved = {name: getattr(update, name) for name in _SETTINGS}
     if spec.get("searched"):
-        update.codes_for_kernels = lambda *args, **kwargs: None
+        update.map_code_constexprs = lambda qmap, device: dict(SEARCH_STEPS=search_steps(qmap.numel()),
+                                                                COMPUTED=SEARCHED, BITS=0, SIGNED=False)
     if "elements" in spec:
         update.QUANTIZED_ELEMENTS_PER_PROGRAM = spec["elements"]
     if "warps" in spec:
@@ -162,8 +164,8 @@ def layout_label(spec: dict) -> str | None:
     if not spec.keys() <= LAYOUT_KEYS:
         return None
     layout = update._layout(8, 256)
-    hints = update.ALIGNMENT_HINTS
-    return update.LayoutOverride(layout.rows * layout.tile, layout.num_warps, layout.max_registers, hints).label()
+    return update.LayoutOverride(layout.rows * layout.tile, layout.num_warps, layout.max_registers,
+                                 layout.alignment_hints).label()
 
 
 def restore(saved: dict) -> None:

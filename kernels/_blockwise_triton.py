@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._dynamic_codes_triton import dynamic_encode
 from .blockwise import _check, num_blocks
-from .dynamic_codes import SEARCHED, codes_for_kernels
+from .dynamic_codes import SEARCHED, DynamicCodes
 from .quant_maps import map_midpoints
 
 # Largest tile one program holds in registers; longer blocks are walked in tiles of this size.
@@ -59,11 +59,22 @@ def nearest_code(x, mid_ptr, n_mid, SEARCH_STEPS: tl.constexpr):
     return code
 
 
+def map_code_constexprs(qmap: torch.Tensor, device: torch.device) -> dict:
+    """``map_code``'s compile-time arguments for ``qmap``: SEARCH_STEPS, COMPUTED (the map's kind where its codes
+    are computed, else ``SEARCHED``), and the computed map's BITS and SIGNED. Every verified dynamic or unsigned
+    linear map is computed, the 4-bit ones too, although their 16 entries fit in one cache line: the GPU update is
+    bound by instruction issue, and a computed 4-bit code takes fewer instructions than the search's 4 dependent
+    steps (4-bit Adam compiled for sm_90: 284 -> 242.5 instructions per element)."""
+    codes = DynamicCodes.for_map(qmap, device)
+    return dict(SEARCH_STEPS=search_steps(qmap.numel()), COMPUTED=codes.kind if codes is not None else SEARCHED,
+                BITS=codes.bits if codes is not None else 0, SIGNED=codes is not None and codes.signed)
+
+
 @triton.jit
 def map_code(x, mid_ptr, n_mid,
              BITS: tl.constexpr, SEARCH_STEPS: tl.constexpr, COMPUTED: tl.constexpr, SIGNED: tl.constexpr):
     """The nearest map entry of each normalised value: computed for a verified dynamic or linear map
-    (``COMPUTED``, the map's kind in ``dynamic_codes``; see ``dynamic_codes.codes_for_kernels``), else searched
+    (``COMPUTED``, the map's kind in ``dynamic_codes``; see ``map_code_constexprs``), else searched
     for (``COMPUTED`` 0)."""
     if COMPUTED:
         return dynamic_encode(x, mid_ptr, BITS, SIGNED, COMPUTED)
@@ -175,15 +186,12 @@ def quantize_blockwise_triton(
     if nblocks == 0:
         return codes, absmax
     midpoints = map_midpoints(qmap.to(device=x.device, dtype=torch.float32)).contiguous()
-    dynamic = codes_for_kernels(qmap, x.device)
     tile = tile_for(blocksize)
     rows = rows_for(tile)
     with on_device(x.device):
         _quantize_blockwise_kernel[(triton.cdiv(nblocks, rows),)](
             flat, codes, absmax, midpoints, midpoints.numel(), numel, nblocks, blocksize,
-            ROWS=rows, TILE=tile, SEARCH_STEPS=search_steps(qmap.numel()),
-            COMPUTED=dynamic.kind if dynamic is not None else SEARCHED, BITS=dynamic.bits if dynamic is not None else 0,
-            SIGNED=dynamic is not None and dynamic.signed, num_warps=num_warps_for(rows * tile),
+            ROWS=rows, TILE=tile, **map_code_constexprs(qmap, x.device), num_warps=num_warps_for(rows * tile),
         )
     return codes, absmax
 

@@ -19,6 +19,7 @@ Imported lazily by ``optim_update``: importing effllm never imports Triton.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -34,15 +35,15 @@ from ._blockwise_triton import (
     ELEMENTS_PER_PROGRAM,
     MAX_TILE,
     map_code,
+    map_code_constexprs,
     num_warps_for,
     on_device,
     rows_for,
-    search_steps,
     tile_for,
     to_storage_dtype,
 )
 from .blockwise import num_blocks
-from .dynamic_codes import SEARCHED, codes_for_kernels
+from .dynamic_codes import SEARCHED
 from .optim_update import ALGORITHMS, STATE_BITS, STATES, Hyper, ParamSlot, UpdatePlan, kernel_scalars, optim_update_ref
 from .packing import packed_numel
 from .quant_maps import map_midpoints
@@ -97,8 +98,8 @@ QUANTIZED_MAX_REGISTERS: int | None = None
 ALIGNMENT_BYTES = 16
 ALIGNMENT: tl.constexpr = tl.constexpr(ALIGNMENT_BYTES)
 # Whether aligned buckets tell the compiler so (tl.multiple_of). Off until a GPU has timed it: compiled offline for
-# sm_90 at the default layout, Triton 3.6 turns the hints into shared-memory layout conversions (280 instructions
-# per element against 239 without), while Triton 3.9 gains from them at 8 elements per thread (165 against 189);
+# sm_90 at the default layout, Triton 3.6 turns the hints into shared-memory layout conversions (246 instructions
+# per element against 199.5 without), and Triton 3.9 gains nothing from them there (192.5 against 191.5);
 # benchmarks/optim_gpu_variants.py times both (docs/optim.md).
 ALIGNMENT_HINTS = False
 # Overrides the four settings above for quantized states, for tuning on a GPU without editing this file:
@@ -118,6 +119,7 @@ class LayoutOverride:
     hints: bool
 
     @staticmethod
+    @functools.lru_cache(maxsize=8)  # read at every launch: parse each text once
     def parse(text: str) -> LayoutOverride:
         match = _LAYOUT_SYNTAX.fullmatch(text.strip())
         override = None
@@ -421,13 +423,15 @@ def _check_slot(slot: ParamSlot, algo: str, bits: int, blocksize: int) -> None:
 @dataclass(frozen=True)
 class _Layout:
     """How the kernel cuts the work: rows of ``rows_len`` elements, ``rows`` of them per program, in ``num_warps``
-    warps of at most ``max_registers`` registers per thread (None: the compiler's choice)."""
+    warps of at most ``max_registers`` registers per thread (None: the compiler's choice); with
+    ``alignment_hints``, buckets whose pointers are aligned tell the compiler so."""
 
     rows_len: int
     tile: int
     rows: int
     num_warps: int
     max_registers: int | None = None
+    alignment_hints: bool = False
 
 
 def _layout(bits: int, blocksize: int) -> _Layout:
@@ -439,13 +443,14 @@ def _layout(bits: int, blocksize: int) -> _Layout:
     # keep the larger programs of the other kernels.
     if bits == 32:
         rows = rows_for(tile)
-        return _Layout(rows_len, tile, rows, num_warps_for(rows * tile))
+        return _Layout(rows_len, tile, rows, num_warps_for(rows * tile), alignment_hints=ALIGNMENT_HINTS)
     override = _layout_override()
     if override is not None:
-        return _Layout(rows_len, tile, max(1, override.elements // tile), override.warps, override.max_registers)
+        return _Layout(rows_len, tile, max(1, override.elements // tile), override.warps, override.max_registers,
+                       override.hints)
     rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
     return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)),
-                   QUANTIZED_MAX_REGISTERS)
+                   QUANTIZED_MAX_REGISTERS, ALIGNMENT_HINTS)
 
 
 @dataclass(frozen=True)
@@ -514,9 +519,8 @@ def _map_args(qmap: torch.Tensor | None, device: torch.device, placeholder: torc
         return [placeholder, placeholder, 0], dict(SEARCH=0, COMPUTED=SEARCHED, SIGNED=False)
     table = qmap.to(device=device, dtype=torch.float32).contiguous()
     midpoints = map_midpoints(table).contiguous()
-    codes = codes_for_kernels(qmap, device)
-    constexprs = dict(SEARCH=search_steps(table.numel()), COMPUTED=codes.kind if codes is not None else SEARCHED,
-                      SIGNED=codes is not None and codes.signed)
+    code = map_code_constexprs(qmap, device)
+    constexprs = dict(SEARCH=code["SEARCH_STEPS"], COMPUTED=code["COMPUTED"], SIGNED=code["SIGNED"])
     return [table, midpoints, midpoints.numel()], constexprs
 
 
@@ -566,16 +570,11 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTabl
             if work.shape[0] == 0:
                 continue
             constexprs = _launch_constexprs(algo, bits, h, layout, maps, has_states, p_dtype, g_dtype,
-                                            aligned=tables.aligned and _alignment_hints(bits), whole=whole)
+                                            aligned=tables.aligned and layout.alignment_hints, whole=whole)
             _optim_update_kernel[(work.shape[0],)](
                 tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len, **constexprs,
                 num_warps=layout.num_warps, enable_fp_fusion=False, **options,
             )
-
-
-def _alignment_hints(bits: int) -> bool:
-    override = _layout_override() if bits != 32 else None
-    return override.hints if override is not None else ALIGNMENT_HINTS
 
 
 def _check_arguments(algo: str, bits: int, blocksize: int) -> None:

@@ -19,15 +19,14 @@ import triton.language as tl
 
 from ._blockwise_triton import (
     map_code,
+    map_code_constexprs,
     num_warps_for,
     on_device,
     rows_for,
-    search_steps,
     tile_for,
     to_storage_dtype,
 )
 from .blockwise import _check, num_blocks
-from .dynamic_codes import SEARCHED, codes_for_kernels
 from .quant_maps import map_midpoints
 from .requantize import rows_of
 
@@ -106,13 +105,10 @@ def requantize_blockwise_triton(x: torch.Tensor, qmap: torch.Tensor, blocksize: 
     tile = tile_for(span)
     blocks_per_program = rows_for(tile)
     grid = (triton.cdiv(n_rows * blocks_per_row, blocks_per_program),)
-    computed = codes_for_kernels(qmap, x.device)
     with on_device(x.device):
         _requantize_blockwise_kernel[grid](
             rows, out, table, midpoints, midpoints.numel(), n_rows, width, blocks_per_row, blocksize, span,
             rows.stride(0), ROWS=blocks_per_program, TILE=tile, ONE_TILE=span <= tile,
-            SEARCH_STEPS=search_steps(table.numel()), COMPUTED=computed.kind if computed is not None else SEARCHED,
-            BITS=computed.bits if computed is not None else 0, SIGNED=computed is not None and computed.signed,
-            num_warps=num_warps_for(blocks_per_program * tile),
+            **map_code_constexprs(qmap, x.device), num_warps=num_warps_for(blocks_per_program * tile),
         )
     return out.view(x.shape)

@@ -77,15 +77,6 @@ class DynamicCodes:
         return _for_map_cached(qmap, torch.device(device) if device is not None else qmap.device)
 
 
-def codes_for_kernels(qmap: torch.Tensor, device: torch.device | str | None = None) -> DynamicCodes | None:
-    """The ``DynamicCodes`` kernels compute ``qmap``'s codes with, or None where they search (maps that are not
-    verified dynamic or unsigned linear maps). The 4-bit maps are computed too, although their 16 entries fit in
-    one cache line: the GPU update is bound by instruction issue, and a computed 4-bit code takes fewer
-    instructions than the search's 4 dependent steps (4-bit Adam compiled for sm_90: 266.5 against 284 per
-    element with its first moment's dynamic map computed)."""
-    return DynamicCodes.for_map(qmap, device)
-
-
 @functools.lru_cache(maxsize=_CACHED)
 def _build(signed: bool, bits: int) -> DynamicCodes | None:
     levels = levels_of(bits)

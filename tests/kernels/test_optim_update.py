@@ -350,7 +350,7 @@ def test_triton_layout_from_the_environment(triton_device, monkeypatch, layout, 
     chosen = update._layout(bits, 128 if bits == 4 else 256)
     assert chosen.rows * chosen.tile == max(override.elements, chosen.tile)
     assert (chosen.num_warps, chosen.max_registers) == (override.warps, override.max_registers)
-    assert update._alignment_hints(bits) is override.hints
+    assert chosen.alignment_hints is override.hints
     unquantized = update._layout(32, 0)  # 32-bit states keep their own layout
     monkeypatch.delenv(update.LAYOUT_VARIABLE)
     assert update._layout(32, 0) == unquantized
