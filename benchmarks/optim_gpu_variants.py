@@ -98,27 +98,30 @@ def tables_all_masked(tensors, numels, layout, device):
 
 
 _TABLES = update._tables
+# Every layout variant names its warps and register cap (None: ptxas's choice), so that it stays the same layout
+# when the launcher's default changes.
+UNCAPPED = dict(registers=None)
 VARIANTS = {
-    "searched, 2048/program, 8 warps (before)": dict(searched=True, elements=2048, warps=8),
-    "computed, 256/program, 4 warps, all masked": dict(tables=tables_all_masked),
-    "computed, 256/program, 4 warps (now)": dict(),
-    "computed, 256/program, 4 warps, alignment hints": dict(hints=True),
-    "computed, 256/program, 4 warps, 32 registers": dict(registers=32),
-    "computed, 512/program, 4 warps": dict(elements=512),
-    # Two warps per block (4 elements per thread): fewer instructions than 4 warps, more warps resident than 1.
-    "computed, 256/program, 2 warps": dict(elements=256, warps=2),
-    "computed, 256/program, 2 warps, alignment hints": dict(elements=256, warps=2, hints=True),
-    "computed, 256/program, 2 warps, 40 registers": dict(elements=256, warps=2, registers=40),
-    # One warp per block (8 elements per thread; maxima within a warp), without and with the alignment hints; the
-    # register caps let more warps be resident (offline_compile's "resident warps per SM"):
-    "computed, 256/program, 1 warp": dict(elements=256, warps=1),
-    "computed, 256/program, 1 warp, alignment hints": dict(elements=256, warps=1, hints=True),
-    "computed, 256/program, 1 warp, 64 registers": dict(elements=256, warps=1, registers=64),
-    "computed, 512/program, 2 warps": dict(elements=512, warps=2),
-    "computed, 512/program, 2 warps, 48 registers": dict(elements=512, warps=2, registers=48),
-    "computed, 512/program, 2 warps, 48 registers, hints": dict(elements=512, warps=2, registers=48, hints=True),
-    "computed, 1024/program, 4 warps": dict(elements=1024, warps=4),
-    "computed, 1024/program, 4 warps, alignment hints": dict(elements=1024, warps=4, hints=True),
+    "searched, 2048/program, 8 warps (before)": dict(searched=True, elements=2048, warps=8, **UNCAPPED),
+    "computed, 256/program, 4 warps, all masked": dict(tables=tables_all_masked, warps=4, **UNCAPPED),
+    "computed, 256/program, 1 warp, 64 registers (now)": dict(),
+    "computed, 256/program, 1 warp, 64 registers, hints": dict(hints=True),
+    "computed, 256/program, 1 warp, 56 registers": dict(registers=56),
+    "computed, 256/program, 1 warp, 72 registers": dict(registers=72),
+    "computed, 256/program, 1 warp": dict(warps=1, **UNCAPPED),
+    "computed, 256/program, 1 warp, alignment hints": dict(warps=1, hints=True, **UNCAPPED),
+    "computed, 256/program, 4 warps (until session 10)": dict(warps=4, **UNCAPPED),
+    "computed, 256/program, 4 warps, alignment hints": dict(warps=4, hints=True, **UNCAPPED),
+    "computed, 256/program, 4 warps, 32 registers": dict(warps=4, registers=32),
+    "computed, 512/program, 4 warps": dict(elements=512, warps=4, **UNCAPPED),
+    "computed, 256/program, 2 warps": dict(warps=2, **UNCAPPED),
+    "computed, 256/program, 2 warps, alignment hints": dict(warps=2, hints=True, **UNCAPPED),
+    "computed, 256/program, 2 warps, 40 registers": dict(warps=2, registers=40),
+    "computed, 512/program, 2 warps": dict(elements=512, warps=2, **UNCAPPED),
+    "computed, 512/program, 2 warps, 64 registers": dict(elements=512, warps=2, registers=64),
+    "computed, 1024/program, 4 warps": dict(elements=1024, warps=4, **UNCAPPED),
+    "computed, 1024/program, 4 warps, 64 registers": dict(elements=1024, warps=4, registers=64),
+    # Diagnostics at the launcher's layout:
     "diag: no state-value gathers": dict(load=load_without_gather),
     "diag: no encoding": dict(encode=encode_nothing),
     "diag: neither gathers nor encoding": dict(encode=encode_nothing, load=load_without_gather),
@@ -126,7 +129,7 @@ VARIANTS = {
     "diag: no work-table load (one parameter)": dict(work=work_from_program_id),
     "diag: no absmax reductions": dict(store=store_without_reduction),
 }
-_SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_MIN_WARPS", "QUANTIZED_MAX_REGISTERS", "num_warps_for",
+_SETTINGS = ("QUANTIZED_ELEMENTS_PER_PROGRAM", "QUANTIZED_WARPS", "QUANTIZED_MAX_REGISTERS",
              "_optim_update_kernel", "map_code_constexprs", "_tables", "ALIGNMENT_HINTS")
 
 
@@ -139,8 +142,7 @@ def apply(spec: dict) -> dict:
     if "elements" in spec:
         update.QUANTIZED_ELEMENTS_PER_PROGRAM = spec["elements"]
     if "warps" in spec:
-        update.num_warps_for = lambda _elements, warps=spec["warps"]: warps
-        update.QUANTIZED_MIN_WARPS = spec["warps"]
+        update.QUANTIZED_WARPS = spec["warps"]
     if "tables" in spec:
         update._tables = spec["tables"]
     if "hints" in spec:

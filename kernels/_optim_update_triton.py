@@ -84,16 +84,17 @@ LERP_SWITCH = 0.5
 # Two lanes at least: the kernel views a tile as byte pairs (TILE // 2), even when no state is packed.
 MIN_TILE = 2
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Elements and fewest warps per program when states are quantized (whole blocks; one block when blocks are
-# larger). Measured on an H200 (256Mi elements, 8-bit AdamW): 256 elements in 4 warps 2.77 ms, in 2 warps 2.92,
-# 512 in 4 warps 3.80, 2048 in 8 warps 7.87 (docs/optim.md).
+# Elements, warps and registers per program when states are quantized (whole blocks; one block when blocks are
+# larger). Timed on an H100 (256Mi elements, 8-bit AdamW, benchmarks/optim_gpu_variants.py, docs/optim.md):
+# 256 elements in one warp under a cap of 64 registers per thread 1.77 ms (81% of the bandwidth bound), in one
+# warp uncapped (76 registers, fewer warps resident) 1.94, in two warps 2.76, in four warps 2.43; 512 in four warps
+# 2.96. The cap costs a few spilled registers (to L1) and buys 32 resident warps per SM instead of 25.
 QUANTIZED_ELEMENTS_PER_PROGRAM = 256
-QUANTIZED_MIN_WARPS = 4
-# Registers per thread ptxas may use for those programs (its --maxrregcount; None: its own choice). A lower cap
-# lets more warps be resident at the cost of recomputed values: compiled offline for sm_90, 256-element programs
-# of one warp take 78 registers and 131 instructions per element by themselves, 48 and 140 under a cap of 48,
-# with no spills (benchmarks/optim_gpu_variants.py times such layouts; docs/optim.md).
-QUANTIZED_MAX_REGISTERS: int | None = None
+QUANTIZED_WARPS = 1
+# Programs of larger blocks get more warps, so that a thread holds at most this many elements (up to 8 warps).
+QUANTIZED_ELEMENTS_PER_THREAD = 8
+# Registers per thread ptxas may use for those programs (its --maxrregcount; None: its own choice).
+QUANTIZED_MAX_REGISTERS: int | None = 64
 # Bytes every data pointer of a bucket must be a multiple of for the kernel's vectorised path (one 128-bit access).
 ALIGNMENT_BYTES = 16
 ALIGNMENT: tl.constexpr = tl.constexpr(ALIGNMENT_BYTES)
@@ -449,8 +450,8 @@ def _layout(bits: int, blocksize: int) -> _Layout:
         return _Layout(rows_len, tile, max(1, override.elements // tile), override.warps, override.max_registers,
                        override.hints)
     rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
-    return _Layout(rows_len, tile, rows, max(QUANTIZED_MIN_WARPS, num_warps_for(rows * tile)),
-                   QUANTIZED_MAX_REGISTERS, ALIGNMENT_HINTS)
+    warps = max(QUANTIZED_WARPS, min(8, rows * tile // (32 * QUANTIZED_ELEMENTS_PER_THREAD)))
+    return _Layout(rows_len, tile, rows, warps, QUANTIZED_MAX_REGISTERS, ALIGNMENT_HINTS)
 
 
 @dataclass(frozen=True)

@@ -186,9 +186,10 @@ def encode_ref(codes: DynamicCodes, x: torch.Tensor, midpoints: torch.Tensor) ->
 
 def probes(qmap: torch.Tensor, codes: DynamicCodes, seed: int = 0) -> torch.Tensor:
     """Every value where the encoding could go wrong (midpoints, map entries and level thresholds with their
-    float32 neighbours), special values, and random values of every scale."""
+    float32 neighbours), special values, and random values of every scale; on the CPU, wherever the map and the
+    codes' table live."""
     generator = torch.Generator().manual_seed(seed)
-    thresholds = codes.table[: codes.levels]
+    qmap, thresholds = qmap.cpu(), codes.table[: codes.levels].cpu()
     anchors = torch.cat([map_midpoints(qmap), qmap, thresholds, -thresholds])
     up, down = torch.full_like(anchors, float("inf")), torch.full_like(anchors, -float("inf"))
     special = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 1e-45, -1e-45, 1e-40, -1e-40, 1.2e-38, -1.2e-38,

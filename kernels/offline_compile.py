@@ -146,14 +146,15 @@ def report(label: str, compiled, elements_per_program: int, num_warps: int) -> C
 
 def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, aligned: bool, p_dtype=torch.float32,
                       map_kinds: tuple[str, str] = ("dynamic", "dynamic"), rows: int | None = None,
-                      num_warps: int | None = None, max_registers: int | None = None):
+                      num_warps: int | None = None, max_registers: int | None | str = "launcher's"):
     """The update kernel's constexprs and layout (``_optim_update_triton._Layout``) as
     ``_optim_update_triton._launch`` sets them for a step with weight decay past the first, the states' maps of
     ``map_kinds`` (first moment signed, second unsigned), or with ``rows`` blocks per program in ``num_warps``
-    warps of at most ``max_registers`` registers."""
+    warps of at most ``max_registers`` registers (None: no cap; by default the launcher's)."""
     layout = update._layout(bits, blocksize)
     layout = dataclasses.replace(layout, rows=rows or layout.rows, num_warps=num_warps or layout.num_warps,
-                                 max_registers=max_registers or layout.max_registers)
+                                 max_registers=layout.max_registers if isinstance(max_registers, str)
+                                 else max_registers)
     hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=2)
     has_states = STATES[algo]
     cpu, placeholder = torch.device("cpu"), torch.zeros(1, dtype=torch.int64)
@@ -170,12 +171,12 @@ UPDATE_CASES = [("adamw 8-bit fp32", "adamw", 8, 256, torch.float32, ("dynamic",
                 ("adam 4-bit fp32", "adam", 4, 128, torch.float32, ("dynamic", "linear_nozero")),
                 ("lion 32-bit fp32", "lion", 32, 0, torch.float32, ("dynamic", "dynamic"))]
 PATHS = [("masked", False, False), ("whole", True, False), ("whole+aligned", True, True)]
-# Other layouts of the 8-bit AdamW program (blocks per program, warps, register cap), timed in
-# benchmarks/optim_gpu_variants.py: one warp per block (256/1, 512/2, 1024/4) holds 8 elements per thread, so a
-# block's maxima need no shared memory; two warps per block (256/2) hold 4 each, between that and the launcher's 2.
+# Other layouts of the 8-bit AdamW program (blocks per program, warps, register cap; None: no cap), timed in
+# benchmarks/optim_gpu_variants.py. The launcher's (256/1 under a cap of 64) holds 8 elements per thread, so a
+# block's maxima need no shared memory; so do 512/2 and 1024/4. 256/4 was the launcher's until an H100 timed them.
 # Programs of one warp are held to 32 warps per SM by the program limit, which 64 registers already allow.
-LAYOUTS = [(1, 4, 32), (1, 1, None), (1, 1, 64), (1, 2, None), (1, 2, 40), (2, 2, None), (2, 2, 48), (2, 4, None),
-           (4, 4, None)]
+LAYOUTS = [(1, 4, None), (1, 4, 32), (1, 1, None), (1, 1, 56), (1, 2, None), (1, 2, 40), (2, 2, None), (2, 2, 48),
+           (2, 4, None), (4, 4, None)]
 OTHER_LAYOUT = "other layout: "  # label prefix of those (the rest are the launcher's own layouts)
 
 
@@ -210,7 +211,7 @@ def update_reports(capability: int = HOPPER, other_layouts: bool = True, cases: 
 
 def _layout_label(elements: int, layout) -> str:
     cap = f", at most {layout.max_registers} registers" if layout.max_registers else ""
-    return f"{elements}/program, {layout.num_warps} warps{cap}"
+    return f"{elements}/program, {layout.num_warps} warp{'s' if layout.num_warps > 1 else ''}{cap}"
 
 
 def main(argv: list[str] | None = None) -> None:

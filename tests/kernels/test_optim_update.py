@@ -359,6 +359,21 @@ def test_triton_layout_from_the_environment(triton_device, monkeypatch, layout, 
     _compare_steps(setup, _slots("adamw", setup, [(1030,), (4097,)], torch.float32, triton_device), steps=(2,))
 
 
+@pytest.mark.parametrize("bits,blocksize,warps", [(8, 256, 1), (4, 128, 1), (8, 64, 1), (8, 1024, 4), (8, 4096, 8)])
+def test_triton_default_layout_keeps_few_elements_per_thread(monkeypatch, bits, blocksize, warps):
+    """The launcher's layout for quantized states (256-element programs of one warp, timed fastest on an H100)
+    gives programs of larger blocks more warps, so that no thread holds more than 8 elements (up to 8 warps)."""
+    pytest.importorskip("triton")
+    from effllm.kernels import _optim_update_triton as update
+
+    monkeypatch.delenv(update.LAYOUT_VARIABLE, raising=False)
+    layout = update._layout(bits, blocksize)
+    assert layout.num_warps == warps
+    elements_per_thread = layout.rows * layout.tile // (32 * layout.num_warps)
+    assert elements_per_thread <= 8 or layout.num_warps == 8
+    assert layout.max_registers == update.QUANTIZED_MAX_REGISTERS
+
+
 @pytest.mark.parametrize("text", ["256", "256/3", "100/4", "256/4/8", "256/64", "fast", "256/4+fast"])
 def test_triton_layout_variable_rejects_bad_values(monkeypatch, text):
     pytest.importorskip("triton")
