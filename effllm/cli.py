@@ -88,13 +88,16 @@ def bench() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--cache", type=click.Choice(["cold", "warm"]), default="cold", show_default=True,
               help="cold: caches flushed before each timed step, as in training; warm: not.")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1),
+              help="Run it all in N fresh processes and report their median and range (each process is one draw "
+              "of where its tensors land in memory).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
               help="Write/refresh the optimizer section of this markdown file (e.g. docs/benchmarks.md).")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False),
               help="Draw step time against parameters here (linked from the section when beside it).")
-def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str, json_path: str | None,
-                markdown_path: str | None, png_path: str | None) -> None:
+def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str, processes: int,
+                json_path: str | None, markdown_path: str | None, png_path: str | None) -> None:
     """Step time and state bytes/param: torch AdamW vs bitsandbytes vs effllm AdamW8bit."""
     from effllm.bench import optim
 
@@ -106,7 +109,11 @@ def bench_optim(sizes: str, repeats: int, no_bnb: bool, device: str, cache: str,
         optim.check_device(device)
     except ValueError as error:
         raise UsageError(f"--device {error}") from None
-    rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device, cache=cache)
+    if processes == 1:
+        rows = optim.run(parsed, repeats=repeats, include_bnb=not no_bnb, device=device, cache=cache)
+    else:
+        rows = optim.run_in_processes(parsed, processes, repeats=repeats, include_bnb=not no_bnb, device=device,
+                                      cache=cache)
     optim.write(rows, json_path, markdown_path, device=device, png_path=png_path)
 
 

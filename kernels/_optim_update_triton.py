@@ -451,7 +451,10 @@ def _layout(bits: int, blocksize: int) -> _Layout:
                        override.hints)
     rows = max(1, QUANTIZED_ELEMENTS_PER_PROGRAM // tile)
     warps = max(QUANTIZED_WARPS, min(8, rows * tile // (32 * QUANTIZED_ELEMENTS_PER_THREAD)))
-    return _Layout(rows_len, tile, rows, warps, QUANTIZED_MAX_REGISTERS, ALIGNMENT_HINTS)
+    # The register cap was timed at 8 elements per thread; programs that hold more (blocks over 2048) go uncapped
+    # rather than spill.
+    capped = rows * tile <= 32 * warps * QUANTIZED_ELEMENTS_PER_THREAD
+    return _Layout(rows_len, tile, rows, warps, QUANTIZED_MAX_REGISTERS if capped else None, ALIGNMENT_HINTS)
 
 
 @dataclass(frozen=True)

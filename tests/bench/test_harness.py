@@ -162,3 +162,35 @@ def test_the_plot_is_written_and_linked_from_its_section(tmp_path):
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Plot: [step.png](step.png)." in doc.read_text()
     assert not list(tmp_path.glob("*.tmp.png"))  # written whole, then renamed
+
+
+def _process_rows(ratio_1m, ratio_4m):
+    rows = []
+    for params, ratio in ((1_000_000, ratio_1m), (4_000_000, ratio_4m)):
+        for label, ms in ((optim.FUSED, 1.0), (optim.EFFLLM_8BIT, ratio)):
+            rows.append({"size": params, "params": params, "optimizer": label, "step_ms": ms, "timed_steps": 3,
+                         "state_bytes_per_param": 2.03, "ratio_to_fused": ms, "best_ratio_to_fused": ms})
+        rows.append({"size": params, "params": params, "optimizer": optim.BNB, "error": "ImportError: no"})
+    return rows
+
+
+def test_processes_combine_as_medians_with_the_range_and_the_slowest_process_named():
+    combined = optim.combine_processes([_process_rows(1.5, 2.2), _process_rows(1.7, 1.6), _process_rows(1.6, 1.8)])
+    own = {row["params"]: row for row in combined if row["optimizer"] == optim.EFFLLM_8BIT}
+    assert own[4_000_000]["ratio_to_fused"] == 1.8 and own[4_000_000]["ratio_to_fused_range"] == [1.6, 2.2]
+    assert own[4_000_000]["ratio_to_fused_by_process"] == [2.2, 1.6, 1.8] and own[4_000_000]["processes"] == 3
+    assert own[1_000_000]["step_ms"] == 1.6
+    assert [row["error"] for row in combined if row["optimizer"] == optim.BNB] == ["ImportError: no"] * 2
+    section = optim.markdown(combined, harness.machine(), "pytest")
+    assert "| 4.0M | 1.00 | 1.80 | ImportError: no | **1.80×** | 1.60-2.20× | 1.80× |" in section
+    assert "met at 1.0M, 4.0M; the slowest single process: 2.20× at 4.0M." in section
+    assert optim.combine_processes([_process_rows(1.5, 2.2)]) == _process_rows(1.5, 2.2)  # one process: as is
+
+
+def test_the_benchmark_runs_in_fresh_processes(monkeypatch):
+    rows = optim.run_in_processes([20_000], processes=2, repeats=1, include_bnb=False, threads=1)
+    own = next(row for row in rows if row["optimizer"] == optim.EFFLLM_8BIT)
+    assert own["processes"] == 2 and len(own["ratio_to_fused_by_process"]) == 2
+    assert own["ratio_to_fused_range"][0] <= own["ratio_to_fused"] <= own["ratio_to_fused_range"][1]
+    with pytest.raises(ValueError, match="processes must be at least 1"):
+        optim.run_in_processes([20_000], processes=0)

@@ -17,3 +17,9 @@ def test_a_bad_device_is_a_usage_error_naming_it():
     result = CliRunner().invoke(main, ["bench", "optim", "--sizes", "1M", "--device", "tpu9"])
     assert result.exit_code == 2
     assert "--device 'tpu9' is not a torch device" in result.output
+
+
+def test_zero_processes_is_a_usage_error():
+    result = CliRunner().invoke(main, ["bench", "optim", "--sizes", "1M", "--processes", "0"])
+    assert result.exit_code == 2
+    assert "--processes" in result.output

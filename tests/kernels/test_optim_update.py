@@ -371,7 +371,8 @@ def test_triton_default_layout_keeps_few_elements_per_thread(monkeypatch, bits, 
     assert layout.num_warps == warps
     elements_per_thread = layout.rows * layout.tile // (32 * layout.num_warps)
     assert elements_per_thread <= 8 or layout.num_warps == 8
-    assert layout.max_registers == update.QUANTIZED_MAX_REGISTERS
+    # The register cap holds where it was timed (8 elements per thread), not where it would make programs spill.
+    assert layout.max_registers == (update.QUANTIZED_MAX_REGISTERS if elements_per_thread <= 8 else None)
 
 
 @pytest.mark.parametrize("text", ["256", "256/3", "100/4", "256/4/8", "256/64", "fast", "256/4+fast"])
