@@ -451,21 +451,31 @@ def plot(rows: list[dict], path: str | Path, device: str = "cpu") -> None:
     import matplotlib.pyplot as plt
 
     timed = [row for row in rows if "step_ms" in row]
+    on_gpu = torch.device(device).type != "cpu"
     fig, (times, ratios) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
     for label in dict.fromkeys(row["optimizer"] for row in timed):
         own = sorted((row["params"], row["step_ms"]) for row in timed if row["optimizer"] == label)
         times.plot(*zip(*own), marker="o", linewidth=1.4, label=label)
-    times.set(xscale="log", yscale="log", ylabel="step time, ms (best of the rounds)")
+    processes = max((row.get("processes", 1) for row in timed), default=1)
+    times.set(xscale="log", yscale="log", ylabel="step time, ms (best of the rounds"
+              + (f",\nmedian of {processes} processes)" if processes > 1 else ")"))
     cache = timed[0].get("cache", "cold") if timed else "cold"
-    times.set_title(f"Optimizer step on {device}, side by side in one run ({cache} caches)", fontsize=10)
+    run = "in one run" if processes == 1 else f"in each of {processes} processes"
+    times.set_title(f"Optimizer step on {device}, side by side {run} ({cache} caches)", fontsize=10)
     times.legend(fontsize=8)
     times.grid(alpha=0.3, which="both")
     target = target_ratios(rows, device)
     if target.ratios:
         own = sorted(target.ratios.items())
         ratios.plot(*zip(*own), marker="o", color="tab:red", label=target.label)
+        spread = sorted((row["params"], *row["ratio_to_fused_range"]) for row in timed
+                        if row["optimizer"] == EFFLLM_8BIT and "ratio_to_fused_range" in row)
+        if spread and not on_gpu:  # each process is one draw of memory placement: show them all
+            counts, lows, highs = zip(*spread)
+            ratios.vlines(counts, lows, highs, color="tab:red", alpha=0.5, linewidth=3, label="range over processes")
         ratios.axhline(target.bound, color="black", linewidth=0.8, linestyle="--", label="target")
-        ratios.set_ylim(0, max(target.bound * 1.25, max(value for _, value in own) * 1.1))
+        highest = max([value for _, value in own] + [high for *_, high in spread if not on_gpu])
+        ratios.set_ylim(0, max(target.bound * 1.25, highest * 1.1))
         ratios.legend(fontsize=8)
     for row in timed:  # name the real models' shapes where they sit
         if isinstance(row.get("size"), str) and row["optimizer"] == EFFLLM_8BIT:
