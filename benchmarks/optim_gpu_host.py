@@ -48,7 +48,13 @@ def main() -> None:
         raise SystemExit(f"optim_gpu_host.py: --device {error}") from None
     device = torch.device(args.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    (size,) = bench.parse_sizes(args.size)
+    try:
+        sizes = bench.parse_sizes(args.size)
+    except ValueError as error:
+        raise SystemExit(f"optim_gpu_host.py: --size: {error}") from None
+    if len(sizes) != 1:
+        raise SystemExit(f"optim_gpu_host.py: --size {args.size!r} names {len(sizes)} sizes; give one, e.g. 1M")
+    (size,) = sizes
     generator = torch.Generator().manual_seed(0)
     shapes = bench.param_shapes(size)
     found = {label: factory for label, factory in bench.candidates(include_bnb=False).items()

@@ -548,8 +548,9 @@ def fp32_reciprocal(value: float) -> float:
 
 
 def _launch_constexprs(algo: str, bits: int, h: Hyper, layout: _Layout, maps: tuple, has_states: tuple[bool, bool],
-                       p_dtype: torch.dtype, g_dtype: torch.dtype, aligned: bool, whole: bool) -> dict:
-    """The kernel's compile-time arguments for one launch (also what ``offline_compile`` compiles)."""
+                       p_dtype: torch.dtype, g_dtype: torch.dtype, aligned: bool) -> dict:
+    """The kernel's compile-time arguments for a bucket's launches, all but ``WHOLE`` (which path a launch takes);
+    also what ``offline_compile`` compiles."""
     (_, const1), (_, const2) = maps
     return dict(
         ALGO=ALGORITHMS.index(algo), BITS=bits, HAS_STATE1=has_states[0], HAS_STATE2=has_states[1],
@@ -557,7 +558,7 @@ def _launch_constexprs(algo: str, bits: int, h: Hyper, layout: _Layout, maps: tu
         MAXIMIZE=bool(h.maximize), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
         ROWS=layout.rows, TILE=layout.tile, SEARCH1=const1["SEARCH"], SEARCH2=const2["SEARCH"],
         COMPUTED1=const1["COMPUTED"], SIGNED1=const1["SIGNED"], COMPUTED2=const2["COMPUTED"],
-        SIGNED2=const2["SIGNED"], LERP_FROM_START=_lerp_from_start(algo, h), ALIGNED=aligned, WHOLE=whole)
+        SIGNED2=const2["SIGNED"], LERP_FROM_START=_lerp_from_start(algo, h), ALIGNED=aligned)
 
 
 def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTables, maps: tuple,
@@ -569,14 +570,14 @@ def _launch(algo: str, bits: int, h: Hyper, layout: _Layout, tables: _LaunchTabl
     options = {} if layout.max_registers is None else {"maxnreg": layout.max_registers}
     scalars = kernel_scalars(h)
     scalars["bias_correction2_reciprocal"] = fp32_reciprocal(scalars["bias_correction2_sqrt"])
+    constexprs = _launch_constexprs(algo, bits, h, layout, maps, has_states, p_dtype, g_dtype,
+                                    aligned=tables.aligned and layout.alignment_hints)
     with on_device(device):
         for work, whole in ((tables.whole_work, True), (tables.partial_work, False)):
             if work.shape[0] == 0:
                 continue
-            constexprs = _launch_constexprs(algo, bits, h, layout, maps, has_states, p_dtype, g_dtype,
-                                            aligned=tables.aligned and layout.alignment_hints, whole=whole)
             _optim_update_kernel[(work.shape[0],)](
-                tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len, **constexprs,
+                tables.pointers, work, *args1, *args2, **scalars, blocksize=layout.rows_len, **constexprs, WHOLE=whole,
                 num_warps=layout.num_warps, enable_fp_fusion=False, **options,
             )
 

@@ -144,16 +144,19 @@ def report(label: str, compiled, elements_per_program: int, num_warps: int) -> C
                           len(instructions), per_element, vectors, resident_warps(registers, num_warps))
 
 
+LAUNCHER_CAP = "launcher's"  # update_constexprs' default register cap: the launcher's (None means no cap)
+
+
 def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, aligned: bool, p_dtype=torch.float32,
                       map_kinds: tuple[str, str] = ("dynamic", "dynamic"), rows: int | None = None,
-                      num_warps: int | None = None, max_registers: int | None | str = "launcher's"):
+                      num_warps: int | None = None, max_registers: int | None | str = LAUNCHER_CAP):
     """The update kernel's constexprs and layout (``_optim_update_triton._Layout``) as
     ``_optim_update_triton._launch`` sets them for a step with weight decay past the first, the states' maps of
     ``map_kinds`` (first moment signed, second unsigned), or with ``rows`` blocks per program in ``num_warps``
     warps of at most ``max_registers`` registers (None: no cap; by default the launcher's)."""
     layout = update._layout(bits, blocksize)
     layout = dataclasses.replace(layout, rows=rows or layout.rows, num_warps=num_warps or layout.num_warps,
-                                 max_registers=layout.max_registers if isinstance(max_registers, str)
+                                 max_registers=layout.max_registers if max_registers == LAUNCHER_CAP
                                  else max_registers)
     hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=2)
     has_states = STATES[algo]
@@ -161,8 +164,8 @@ def update_constexprs(algo: str, bits: int, blocksize: int, *, whole: bool, alig
     maps = tuple(update._map_args(make_map(kind, signed, bits) if bits != 32 and has else None, cpu, placeholder)
                  for kind, signed, has in zip(map_kinds, (True, False), has_states))
     constexprs = update._launch_constexprs(algo, bits, hyper, layout, maps, has_states, p_dtype, p_dtype,
-                                           aligned=aligned, whole=whole)
-    return constexprs, layout
+                                           aligned=aligned)
+    return dict(constexprs, WHOLE=whole), layout
 
 
 # (label, algorithm, state bits, blocksize, parameter dtype, map kinds as BlockwiseOptimizer picks them)
